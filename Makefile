@@ -1,0 +1,47 @@
+# trailcam-reid: `make run` brings the whole system up on this machine, `make test` runs the suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON_SYS ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help install run down test lint bench services clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its dev tools
+
+run: $(STAMP) ## Start services, migrate, load demo data, start Ray and deploy; returns when ready
+	@bash cluster/local/up.sh
+
+down: ## Stop what `make run` started (and nothing else)
+	@bash cluster/local/down.sh
+
+services: $(STAMP) ## Make sure Postgres and Redis answer (start them, or embedded ones)
+	@$(PY) cluster/local/services.py ensure
+
+lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on serve_app/ and batch/
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy serve_app batch
+
+test: $(STAMP) ## Services up, lint, then the whole pytest suite (slow cases included)
+	@$(PY) cluster/local/services.py ensure --system
+	@$(MAKE) --no-print-directory lint
+	$(VENV)/bin/pytest
+
+bench: $(STAMP) ## Side-by-side benchmarks; prints one table, JSON under benchmarks/results/
+	@$(PY) cluster/local/services.py ensure
+	$(PY) -m benchmarks.run
+
+clean: down ## Stop everything and remove .data/
+	rm -rf .data

@@ -1,0 +1,1 @@
+"""trailcam-reid: re-identification of individual deer in trail-camera detections."""

@@ -1,0 +1,179 @@
+"""RFC 9457 problem details: the one shape every error response of the API takes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import InvalidKey, NotFound, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_BASE = "https://trailcam-reid.dev/problems/"
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+# pydantic error types -> the stable rule code clients branch on.
+_PYDANTIC_RULES = {
+    "missing": "missing_field",
+    "extra_forbidden": "unknown_field",
+    "literal_error": "invalid_value",
+    "enum": "invalid_value",
+    "json_invalid": "malformed_json",
+}
+
+
+class Problem(Exception):
+    """An HTTP error answered as problem+json; raised by routers, rendered by the handler."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(status, code, detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or _TITLES.get(status, "Error")
+        self.errors = list(errors) if errors else None
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+    instance: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    """A problem+json response with a stable ``type`` per code."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + code,
+        "title": title or _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    if errors:
+        body["errors"] = list(errors)
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=dict(headers or {}))
+
+
+def field_name(loc: Sequence[Any]) -> str:
+    """A dotted field path from a pydantic location, without the 'body'/'query' prefix."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or "body"
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Request validation failures as ``[{rule, field, detail}]``."""
+    out = []
+    for err in exc.errors():
+        ctx = err.get("ctx") or {}
+        rule = ctx.get("rule") or _PYDANTIC_RULES.get(err["type"], "format")
+        message = str(err.get("msg", "invalid"))
+        message = message.removeprefix("Value error, ")
+        out.append({"rule": str(rule), "field": field_name(err.get("loc", ())), "detail": message})
+    return out
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Map framework and domain errors to problem+json; nothing escapes as a bare 500."""
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(
+            exc.status,
+            exc.code,
+            exc.detail,
+            title=exc.title,
+            errors=exc.errors,
+            headers=exc.headers,
+            instance=request.url.path,
+            extra=exc.extra,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = validation_errors(exc)
+        rules = ", ".join(sorted({e["rule"] for e in errors}))
+        return problem_response(
+            400, "validation-failed", f"request failed validation: {rules}", errors=errors, instance=request.url.path
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized"}.get(exc.status_code, "http-error")
+        return problem_response(
+            exc.status_code,
+            code,
+            str(exc.detail),
+            headers=getattr(exc, "headers", None),
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return problem_response(404, "not-found", str(exc) or "not found", instance=request.url.path)
+
+    @app.exception_handler(InvalidKey)
+    async def _invalid_key(request: Request, exc: InvalidKey) -> JSONResponse:
+        return problem_response(
+            401,
+            "unauthorized",
+            str(exc) or "a valid API key is required",
+            headers={"WWW-Authenticate": "Bearer"},
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return problem_response(
+            503,
+            "service-unavailable",
+            str(exc),
+            headers={"Retry-After": "5"},
+            instance=request.url.path,
+            extra={"services": [exc.service]},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(500, "internal-error", "an unexpected error occurred", instance=request.url.path)

@@ -1,0 +1,40 @@
+"""The typed Serve application builder (``import_path: serve_app.app:build_app``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from serve_app.ingress import ingress_deployment
+
+
+class IngressArgs(BaseModel):
+    """Ingress tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+
+
+class AppArgs(BaseModel):
+    """Builder arguments from serve_config.yaml ``args``; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides for Settings (tests, config files); env TRAILCAM_* otherwise."
+    )
+    ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """Build the application graph from typed args."""
+    parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    ingress = ingress_deployment(parsed.settings).options(
+        num_replicas=parsed.ingress.num_replicas,
+        max_ongoing_requests=parsed.ingress.max_ongoing_requests,
+    )
+    return ingress.bind()

@@ -1,0 +1,64 @@
+"""One Settings class for the whole project (environment prefix TRAILCAM_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PostgresDsn, RedisDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "change-me"  # noqa: S105 - the value refused outside development
+
+
+class Settings(BaseSettings):
+    """Runtime settings read from TRAILCAM_* environment variables (or a .env file)."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAILCAM_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: PostgresDsn = Field(
+        default=PostgresDsn("postgresql://postgres@127.0.0.1:5432/trailcam"),
+        description="Postgres DSN; the database is created by the migration runner when missing.",
+    )
+    redis_url: RedisDsn = Field(
+        default=RedisDsn("redis://127.0.0.1:6379/0"),
+        description="Redis URL holding export job status and leases.",
+    )
+    data_dir: Path = Field(default=Path(".data"), description="Local state: images, exports, embedded services.")
+    image_root: Path = Field(default=Path(".data/images"), description="Only image URIs under this folder are read.")
+    export_dir: str = Field(
+        default=".data/exports",
+        description="Where export files are written: a local folder or any pyarrow filesystem URI.",
+    )
+    export_status_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of an export job's status, seconds.")
+    export_lease_s: float = Field(default=10.0, gt=0, description="Runner heartbeat lease, seconds.")
+    key_pepper: str = Field(
+        default=PLACEHOLDER_SECRET,
+        description="Secret mixed into API-key hashes; must be changed outside development and test.",
+    )
+    key_cache_s: float = Field(default=5.0, ge=0, description="How long a verified API key is cached, seconds.")
+    db_pool_max: int = Field(default=8, ge=1, description="Connections per process pool.")
+
+    @model_validator(mode="after")
+    def _enforce_non_default_secrets(self) -> Settings:
+        if self.environment == "production" and self.key_pepper == PLACEHOLDER_SECRET:
+            raise ValueError("TRAILCAM_KEY_PEPPER must be set to a real secret in production")
+        return self
+
+    @property
+    def database_dsn(self) -> str:
+        """The DSN as a plain string for psycopg."""
+        return str(self.database_url)
+
+    @property
+    def redis_dsn(self) -> str:
+        """The Redis URL as a plain string for redis-py."""
+        return str(self.redis_url)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,68 @@
+"""The HTTP edge: builds the FastAPI app (routers, problem handlers) and its Serve deployment."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from fastapi import FastAPI
+from ray import serve
+
+from serve_app.api import health
+from serve_app.api.problems import install_problem_handlers
+from serve_app.config import Settings
+from serve_app.resources import Resources
+
+logger = logging.getLogger(__name__)
+
+API_TITLE = "trailcam-reid"
+API_DESCRIPTION = (
+    "Re-identification of individual deer in trail-camera detections, similarity logging, "
+    "threshold analysis and validated sighting exports. Errors are RFC 9457 problem+json."
+)
+
+
+def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
+    """The FastAPI application; also served by bare uvicorn for side-by-side benchmarks."""
+    settings = Settings(**dict(settings_overrides or {}))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resources = Resources.create(settings)
+        await resources.open()
+        app.state.resources = resources
+        try:
+            yield
+        finally:
+            await resources.close()
+
+    app = FastAPI(title=API_TITLE, description=API_DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.readiness_checks = dict(health.READINESS_CHECKS)
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    return app
+
+
+def app_builder(settings_overrides: Mapping[str, Any] | None = None) -> Callable[[], FastAPI]:
+    """A zero-argument builder function (Serve needs a real function); evaluated on each replica."""
+    overrides = dict(settings_overrides or {})
+
+    def build() -> FastAPI:
+        return create_app(overrides)
+
+    return build
+
+
+def ingress_deployment(settings_overrides: Mapping[str, Any] | None = None) -> serve.Deployment:
+    """The ingress deployment class wrapping the app built on the replica."""
+
+    @serve.deployment(name="Ingress", max_ongoing_requests=256)
+    @serve.ingress(app_builder(settings_overrides))
+    class Ingress:
+        """Serves the FastAPI app; holds no state of its own."""
+
+    # serve.deployment has already turned the class into a Deployment; mypy sees the class.
+    return cast(serve.Deployment, Ingress)

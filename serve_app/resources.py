@@ -1,0 +1,48 @@
+"""Per-process connections shared by the routers: settings, Postgres pool, Redis client."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
+
+from serve_app.config import Settings
+from serve_app.keys import Principal
+from serve_app.store.db import make_pool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """What a request handler needs; opened in the app's lifespan, closed at shutdown."""
+
+    settings: Settings
+    pool: AsyncConnectionPool
+    redis: aioredis.Redis
+    key_cache: dict[str, tuple[Principal, float]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: Settings) -> Resources:
+        """Build unopened clients for the settings."""
+        client = aioredis.Redis.from_url(
+            settings.redis_dsn,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=30,
+            decode_responses=True,
+        )
+        return cls(
+            settings=settings, pool=make_pool(settings.database_dsn, max_size=settings.db_pool_max), redis=client
+        )
+
+    async def open(self) -> None:
+        """Open the Postgres pool without waiting: the app starts even while Postgres is down."""
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        """Close both clients."""
+        await self.pool.close()
+        await self.redis.aclose()
