@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stop exactly what `make run` started: the Serve app, our own Ray head (by PID), embedded services.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+DATA="$ROOT/.data"
+if [ -f "$DATA/ray-head.started" ]; then
+    "$ROOT/.venv/bin/serve" shutdown -y --address http://127.0.0.1:8265 >/dev/null 2>&1 || true
+    "$ROOT/.venv/bin/python" cluster/local/ray_head.py stop "$(cat "$DATA/ray-head.started")"
+    rm -f "$DATA/ray-head.started"
+else
+    echo "no Ray head started by make run"
+fi
+[ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" cluster/local/services.py stop
+for pidfile in "$DATA"/monitoring-*.pid; do
+    [ -f "$pidfile" ] || continue
+    kill "$(cat "$pidfile")" 2>/dev/null && echo "stopped $(basename "$pidfile" .pid)"
+    rm -f "$pidfile"
+done
+exit 0

@@ -1,0 +1,50 @@
+"""Stop the Ray head that `make run` started, by PID: only processes whose command line names
+its own temp dir (``ray stop`` would also end every other Ray on the machine)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import psutil
+
+
+def head_processes(temp_dir: str) -> list[psutil.Process]:
+    """Processes of the head whose command line mentions its temp dir."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if temp_dir in cmdline and proc.pid != psutil.Process().pid:
+            found.append(proc)
+    return found
+
+
+def stop(temp_dir: str, *, grace_s: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL after the grace period; returns how many processes were stopped."""
+    procs = head_processes(temp_dir)
+    children = []
+    for proc in procs:
+        try:
+            children += proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    everyone = {p.pid: p for p in procs + children}.values()
+    for proc in everyone:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(everyone), timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(0.5)
+    return len(everyone)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "stop":
+        raise SystemExit("usage: ray_head.py stop TEMP_DIR")
+    print(f"stopped the Ray head ({stop(sys.argv[2])} processes)")

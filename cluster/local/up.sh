@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Bring the whole system up on this machine; safe to run twice. Called by `make run`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+PY="$ROOT/.venv/bin/python"
+RAY="$ROOT/.venv/bin/ray"
+SERVE="$ROOT/.venv/bin/serve"
+DATA="$ROOT/.data"
+RAY_TMP="$DATA/ray"
+GCS_PORT="${TRAILCAM_RAY_GCS_PORT:-6380}"   # Redis owns 6379, Ray's default GCS port
+DASHBOARD="127.0.0.1:8265"
+API="http://127.0.0.1:8000"
+mkdir -p "$DATA"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== services"
+"$PY" cluster/local/services.py ensure
+
+echo "== schema"
+"$PY" -m serve_app.store.migrate
+
+echo "== demo data"
+"$PY" -m batch.demo_data --sites 2 --cameras 6 --deer 40 --images "${TRAILCAM_DEMO_IMAGES:-3000}" --seed 7
+
+echo "== development API key"
+"$PY" cluster/local/dev_key.py "$DATA/dev-api-key"
+
+echo "== ray head"
+export RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+# The local head listens on loopback only, so plain `ray status`, `ray job submit` and the dashboard
+# work as documented without a token. Set RAY_AUTH_MODE=token to require Ray's token (then export
+# the same variable wherever you run ray/serve commands). Clusters on Kubernetes use token auth.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+if "$RAY" status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
+    echo "a Ray head already answers on 127.0.0.1:$GCS_PORT; reusing it"
+else
+    mkdir -p "$RAY_TMP"
+    "$RAY" start --head --port "$GCS_PORT" --node-ip-address 127.0.0.1 \
+        --dashboard-host 127.0.0.1 --dashboard-port 8265 --temp-dir "$RAY_TMP" --disable-usage-stats >/dev/null
+    echo "$RAY_TMP" > "$DATA/ray-head.started"
+    echo "started a Ray head (GCS 127.0.0.1:$GCS_PORT, temp dir $RAY_TMP)"
+fi
+
+echo "== deploy serve_config.yaml"
+for _ in $(seq 1 60); do
+    curl -fsS "http://$DASHBOARD/api/version" >/dev/null 2>&1 && break
+    sleep 1
+done
+"$SERVE" deploy serve_config.yaml --address "http://$DASHBOARD"
+
+echo "== waiting for $API/readyz"
+for i in $(seq 1 300); do
+    if curl -fsS "$API/readyz" >/dev/null 2>&1; then
+        echo
+        echo "trailcam-reid is up:"
+        echo "  API        $API   (key in .data/dev-api-key: Authorization: Bearer \$(cat .data/dev-api-key))"
+        echo "  docs       $API/docs"
+        echo "  dashboard  http://$DASHBOARD"
+        echo "  stop with  make down"
+        exit 0
+    fi
+    sleep 1
+done
+echo "the app did not become ready; last answer:" >&2
+curl -sS "$API/readyz" >&2 || true
+"$SERVE" status --address "http://$DASHBOARD" >&2 || true
+exit 1
