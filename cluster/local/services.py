@@ -124,14 +124,16 @@ def start_embedded_postgres(port: int) -> int:
         from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
 
         _open_path_for(PG_USER, POSTGRES_BIN_PATH / "postgres")
+    # Drop root's groups too: a root-group process gets the group bits of root's folders.
+    as_user: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user else {}
     if not (pgdata / "PG_VERSION").exists():
-        initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, user=user)
+        initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, **as_user)
     log = pgdata / "server.log"
     pg_ctl(
         ["-w", "-o", f"-h 127.0.0.1 -p {port} -k {pgdata}", "-l", str(log), "start"],
         pgdata=pgdata,
-        user=user,
         timeout=60,
+        **as_user,
     )
     pid = int((pgdata / "postmaster.pid").read_text().split()[0])
     _pid_file("postgres").write_text(f"{pid}\n")
