@@ -1,0 +1,213 @@
+"""Shared benchmark plumbing: services, a Serve app and a bare uvicorn app side by side, wrk load.
+
+Every figure is measured in one run on the same machine and reported next to its baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve_app.config import Settings
+from serve_app.keys import create_key
+from serve_app.store.db import connect, with_database
+from serve_app.store.migrate import apply_migrations
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+WRK_SCRIPT = ROOT / "benchmarks" / "wrk_report.lua"
+BENCH_DB = "trailcam_bench"
+BENCH_REDIS_DB = 14
+
+Row = dict[str, Any]
+
+
+def write_results(name: str, rows: list[Row], *, meta: Mapping[str, Any] | None = None) -> Path:
+    """Print the rows and write benchmarks/results/<name>.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    if meta:
+        payload["meta"] = dict(meta)
+    path.write_text(json.dumps(payload, indent=2))
+    for row in rows:
+        target = f"  (target {row['target']})" if row.get("target") else ""
+        print(f"{name:<14} {row['case']:<48} {row['metric']:<10} {row['value']:>12.3f} {row['unit']}{target}")
+    return path
+
+
+def free_port() -> int:
+    """An unused loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bench_settings(**extra: Any) -> dict[str, Any]:
+    """Settings overrides for benchmark apps: a dedicated database and Redis db index."""
+    base = Settings()
+    data = ROOT / ".data" / "bench"
+    return {
+        "database_url": with_database(base.database_dsn, BENCH_DB),
+        "redis_url": base.redis_dsn.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}",
+        "data_dir": str(data),
+        "image_root": str(ROOT / ".data" / "images"),
+        "export_dir": str(data / "exports"),
+        **extra,
+    }
+
+
+def prepare_database(settings: Mapping[str, Any]) -> str:
+    """Migrate the benchmark database, ensure a site exists, and return an all-sites API key."""
+    dsn = str(settings["database_url"])
+    apply_migrations(dsn)
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO sites (name) VALUES ('bench') ON CONFLICT (name) DO NOTHING")
+        return create_key(conn, sites=None, pepper=Settings().key_pepper, label="bench")
+
+
+def settings_env(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The overrides as TRAILCAM_* environment variables."""
+    return {f"TRAILCAM_{k.upper()}": str(v) for k, v in settings.items()}
+
+
+def wait_http(url: str, timeout_s: float = 120.0) -> None:
+    """Poll a URL until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def uvicorn_app(settings: Mapping[str, Any]) -> Iterator[str]:
+    """serve_app.ingress:create_app on bare uvicorn (one process), yielding its base URL."""
+    port = free_port()
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "serve_app.ingress:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", 60)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def serve_app(args: Mapping[str, Any], *, ready_path: str = "/readyz") -> Iterator[str]:
+    """The application on a local Ray with Serve's HAProxy ingress and throughput mode on."""
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ["PYTHONPATH"] = str(ROOT)
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(dict(args)), name="trailcam", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + ready_path)
+        yield url
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def load(
+    url: str,
+    *,
+    method: str = "GET",
+    body: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    connections: int = 1,
+    duration_s: float = 5.0,
+) -> dict[str, float]:
+    """Drive a URL on 127.0.0.1 with wrk; returns p50/p99 (ms), req/s and error counts."""
+    if not url.startswith(("http://127.0.0.1", "http://localhost")):
+        raise ValueError("benchmarks send traffic to 127.0.0.1 only")
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed: run `make bench` (it installs wrk) or `apt-get install wrk`")
+    env = {
+        **os.environ,
+        "WRK_METHOD": method,
+        "WRK_BODY": body or "",
+        "WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
+    }
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration_s))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    seconds = report["duration_us"] / 1e6
+    return {
+        "p50_ms": report["p50_us"] / 1000,
+        "p99_ms": report["p99_us"] / 1000,
+        "rps": report["requests"] / seconds if seconds else 0.0,
+        "requests": float(report["requests"]),
+        "errors": float(report["errors"]),
+        "non_2xx": float(report["non_2xx_3xx"]),
+    }
+
+
+def http_rows(case: str, result: Mapping[str, float], *, targets: Mapping[str, str] | None = None) -> list[Row]:
+    """Rows for one load result: p50, p99, req/s and bad responses."""
+    targets = targets or {}
+    return [
+        {"case": case, "metric": "p50", "value": result["p50_ms"], "unit": "ms", "target": targets.get("p50")},
+        {"case": case, "metric": "p99", "value": result["p99_ms"], "unit": "ms", "target": targets.get("p99")},
+        {"case": case, "metric": "req/s", "value": result["rps"], "unit": "req/s", "target": targets.get("req/s")},
+        {"case": case, "metric": "errors", "value": result["errors"] + result["non_2xx"], "unit": "responses"},
+    ]
