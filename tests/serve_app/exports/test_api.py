@@ -96,7 +96,12 @@ def test_post_poll_download_delete_for_every_format(
         (request_body(end_date=TOMORROW.isoformat()), {("VR-005", "end_date")}),
         (
             {"start_date": "2024-02-30", "end_date": TODAY.isoformat(), "group_by": "year", "colour": "red"},
-            {("format", "start_date"), ("VR-003", "group_by"), ("unknown_field", "colour"), ("missing_field", "format")},
+            {
+                ("format", "start_date"),
+                ("VR-003", "group_by"),
+                ("unknown_field", "colour"),
+                ("missing_field", "format"),
+            },
         ),
         (request_body(site_ids=[987654]), {("site_access", "site_ids")}),
     ],
@@ -117,7 +122,9 @@ def test_invalid_requests_are_rejected_with_every_rule_and_no_job(
     assert redis_client.zcard(scripts.ACTIVE_KEY) == 0
 
 
-def test_within_the_boundaries_is_accepted(serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis) -> None:
+def test_within_the_boundaries_is_accepted(
+    serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis
+) -> None:
     key = factories.api_key(db)
     body = request_body(start_date=(TODAY - dt.timedelta(days=365)).isoformat(), group_by="month")
     resp = httpx.post(serve_url + "/api/exports", json=body, headers=auth(key), timeout=30)

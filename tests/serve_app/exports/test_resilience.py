@@ -7,9 +7,10 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import psycopg
@@ -118,8 +119,10 @@ async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> 
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         posts = await asyncio.gather(
-            *(client.post("/api/exports", json=request_body(["csv", "json", "parquet"][i % 3]), headers=key)
-              for i in range(count))
+            *(
+                client.post("/api/exports", json=request_body(["csv", "json", "parquet"][i % 3]), headers=key)
+                for i in range(count)
+            )
         )
         assert [r.status_code for r in posts] == [202] * count
         pending = {r.json()["id"] for r in posts}

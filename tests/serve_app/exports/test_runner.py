@@ -58,16 +58,20 @@ def params(fmt: str, *, days: int = 30, group_by: str = "week", sites: list[int]
 
 def export(database_url: str, redis_url: str, tmp_path: Path, p: dict[str, Any]) -> tuple[str, dict[str, str]]:
     job_id = new_job(redis_url, tmp_path, p)
-    status = run_export(
-        database_url, job_id=job_id, params=p, redis_url=redis_url, export_dir=str(tmp_path), lease_s=2
-    )
+    status = run_export(database_url, job_id=job_id, params=p, redis_url=redis_url, export_dir=str(tmp_path), lease_s=2)
     fields = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(scripts.job_key(job_id))
     return status, fields
 
 
 @pytest.mark.parametrize("group_by", ["day", "week", "month"])
 def test_summary_counts_add_up_to_sql(
-    database_url: str, redis_client: redis.Redis, redis_url: str, dataset: Dataset, db: Any, tmp_path: Path, group_by: str
+    database_url: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    dataset: Dataset,
+    db: Any,
+    tmp_path: Path,
+    group_by: str,
 ) -> None:
     p = params("csv", group_by=group_by, sites=[dataset.sites[0]])
     status, fields = export(database_url, redis_url, tmp_path, p)

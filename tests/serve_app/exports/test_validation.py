@@ -36,7 +36,11 @@ def rules(payload: object, principal: Principal = ALL) -> list[tuple[str, str]]:
         (dt.date(2023, 3, 1), dt.date(2024, 3, 1), [("VR-002", "end_date")]),  # 366 days across it
         (dt.date(2024, 6, 14), TODAY, []),  # end today
         (TODAY, TODAY + dt.timedelta(days=1), [("VR-005", "end_date")]),  # start today, end tomorrow
-        (TODAY + dt.timedelta(days=1), TODAY + dt.timedelta(days=2), [("VR-004", "start_date"), ("VR-005", "end_date")]),
+        (
+            TODAY + dt.timedelta(days=1),
+            TODAY + dt.timedelta(days=2),
+            [("VR-004", "start_date"), ("VR-005", "end_date")],
+        ),
     ],
 )
 def test_date_rules_at_their_boundaries(start: dt.date, end: dt.date, expected: list[tuple[str, str]]) -> None:
