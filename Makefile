@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install run down test lint bench services clean
+.PHONY: help install run down test lint bench services monitoring clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -36,12 +36,17 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on serve_app/ and
 
 test: $(STAMP) ## Services up, lint, then the whole pytest suite (slow cases included)
 	@$(PY) cluster/local/services.py ensure --system
+	@bash cluster/monitoring/install.sh || echo "promtool unavailable: its checks will be skipped"
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest
 
 bench: $(STAMP) ## Side-by-side benchmarks; prints one table, JSON under benchmarks/results/
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@$(PY) cluster/local/services.py ensure
 	$(PY) -m benchmarks.run
+
+monitoring: $(STAMP) ## Prometheus (+ Grafana when installed) against the local head; stopped by `make down`
+	@bash cluster/monitoring/start.sh
 
 clean: down ## Stop everything and remove .data/
 	rm -rf .data

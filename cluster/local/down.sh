@@ -12,9 +12,5 @@ else
     echo "no Ray head started by make run"
 fi
 [ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" cluster/local/services.py stop
-for pidfile in "$DATA"/monitoring-*.pid; do
-    [ -f "$pidfile" ] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null && echo "stopped $(basename "$pidfile" .pid)"
-    rm -f "$pidfile"
-done
+bash cluster/monitoring/stop.sh
 exit 0
