@@ -1,6 +1,9 @@
 -- A version counter per site, bumped by every change of a gallery (an assignment, a merge, a new or
 -- removed profile). Serve replicas poll it (one cheap query) and reload a site's gallery only when it moved.
 
+-- Versions come from one global sequence, so they never repeat even if the table is emptied.
+CREATE SEQUENCE gallery_version_seq;
+
 CREATE TABLE gallery_versions (
     site_id     bigint PRIMARY KEY REFERENCES sites(id) ON DELETE CASCADE,
     version     bigint NOT NULL DEFAULT 0,
@@ -8,8 +11,8 @@ CREATE TABLE gallery_versions (
 );
 
 CREATE FUNCTION bump_gallery_version(p_site_id bigint) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO gallery_versions (site_id, version) VALUES (p_site_id, 1)
-    ON CONFLICT (site_id) DO UPDATE SET version = gallery_versions.version + 1, updated_at = now();
+    INSERT INTO gallery_versions (site_id, version) VALUES (p_site_id, nextval('gallery_version_seq'))
+    ON CONFLICT (site_id) DO UPDATE SET version = EXCLUDED.version, updated_at = now();
 $$;
 
 CREATE FUNCTION detections_gallery_bump() RETURNS trigger LANGUAGE plpgsql AS $$
