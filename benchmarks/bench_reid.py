@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from benchmarks.common import bench_settings, prepare_database, serve_app, write_results
 from PIL import Image
 
+from benchmarks.common import bench_settings, prepare_database, serve_app, write_results
 from serve_app.reid.embedder import Embedder, ModelSpec
 from serve_app.reid.scores import copy_scores, score_rows
 from serve_app.store.db import connect
@@ -128,10 +128,12 @@ def raw_case(*, iterations: int) -> float:
 
 
 def score_case(dsn: str, uris: list[str], *, detections: int) -> list[dict[str, Any]]:
-    site, cam = seed_site(dsn, uris, profiles=PROFILES)
+    site, _cam = seed_site(dsn, uris, profiles=PROFILES)
     with connect(dsn, autocommit=True) as conn:
         deer = [r["id"] for r in conn.execute("SELECT id FROM deer WHERE site_id = %s ORDER BY id", (site,))]
-        img = conn.execute("SELECT id FROM images WHERE camera_id = %s LIMIT 1", (cam,)).fetchone()["id"]  # type: ignore[index]
+        img = conn.execute(
+            "SELECT d.image_id FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.site_id = %s LIMIT 1", (site,)
+        ).fetchone()["image_id"]  # type: ignore[index]
         ids = [
             r["id"]
             for r in conn.execute(
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     key = prepare_database(settings)
     uris = synthetic_frames(Path(settings["image_root"]), 200)
     started = dt.datetime.now(dt.UTC)
+    score_rows_out = score_case(settings["database_url"], uris, detections=args.score_detections)
     serve_rate, failed = serve_case(settings, key, uris, duration_s=args.duration_s)
     raw_rate = raw_case(iterations=args.raw_iterations)
     rows: list[dict[str, Any]] = [
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             "target": "0",
         },
     ]
-    rows += score_case(settings["database_url"], uris, detections=args.score_detections)
+    rows += score_rows_out
     write_results("reid", rows, meta={"started_at": started.isoformat(), "model": "resnet50-random-seed7-224"})
 
 
