@@ -136,7 +136,10 @@ def test_serve_config_v2_is_generated_from_the_serve_configs() -> None:
     deployed = yaml.safe_load(only("RayService")["spec"]["serveConfigV2"])
     assert deployed == yaml.safe_load(printed.stdout)
     gpu = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
-    assert deployed["applications"][0]["deployments"] == gpu["applications"][0]["deployments"]
+    deployed_reid, gpu_reid = deployed["applications"][0]["args"]["reid"], gpu["applications"][0]["args"]["reid"]
+    assert {k: v for k, v in deployed_reid.items() if k != "weights"} == {
+        k: v for k, v in gpu_reid.items() if k != "weights"
+    }
     assert deployed["applications"][0]["import_path"] == "serve_app.app:build_app"
     assert deployed["http_options"]["host"] == "0.0.0.0"
 
@@ -150,7 +153,7 @@ def test_generate_check_fails_when_the_manifest_is_stale(tmp_path: Path) -> None
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     edited = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
-    edited["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] = 99
+    edited["applications"][0]["args"]["reid"]["autoscaling_config"]["max_replicas"] = 99
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(edited))
     manifest = (KUBERAY / "rayservice.yaml").read_text()
     rendered = generate.render(manifest, generate.serve_config_v2(tmp_path / "gpu.yaml"))
@@ -173,8 +176,8 @@ def test_rayservice_has_head_cpu_and_gpu_groups_with_in_tree_autoscaling() -> No
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     # Enough GPU pods for the most ReID replicas Serve's autoscaler may ask for.
     serve = yaml.safe_load(only("RayService")["spec"]["serveConfigV2"])
-    reid = next(d for d in serve["applications"][0]["deployments"] if d["name"] == "ReID")
-    gpus_needed = reid["autoscaling_config"]["max_replicas"] * reid["ray_actor_options"]["num_gpus"]
+    reid = serve["applications"][0]["args"]["reid"]
+    gpus_needed = reid["autoscaling_config"]["max_replicas"] * reid["num_gpus"]
     assert groups["gpu"]["maxReplicas"] * container["resources"]["limits"]["nvidia.com/gpu"] >= gpus_needed
 
 

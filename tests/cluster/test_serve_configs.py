@@ -17,12 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CPU = ROOT / "serve_config.yaml"
 GPU = ROOT / "serve_config.gpu.yaml"
 
-# ReID's builder args arrive with the re-ID feature; until AppArgs has them the GPU config cannot build.
-REID_ARGS_PRESENT = "reid" in app_module.AppArgs.model_fields
-needs_reid_args = pytest.mark.xfail(
-    not REID_ARGS_PRESENT, reason="AppArgs has no `reid` args yet (re-ID feature not merged)", strict=False
-)
-
 # What the GPU variant may change relative to the CPU config; everything else must be identical.
 GPU_KNOBS = (
     ("proxy_location",),
@@ -30,10 +24,10 @@ GPU_KNOBS = (
     ("applications", "trailcam", "args", "ingress"),
     ("applications", "trailcam", "args", "reid", "max_batch_size"),
     ("applications", "trailcam", "args", "reid", "batch_wait_timeout_s"),
-    ("applications", "trailcam", "args", "reid", "num_replicas"),
-    ("applications", "trailcam", "deployments", "ReID", "ray_actor_options"),
-    ("applications", "trailcam", "deployments", "ReID", "autoscaling_config"),
-    ("applications", "trailcam", "deployments", "ReID", "max_ongoing_requests"),
+    ("applications", "trailcam", "args", "reid", "num_cpus"),
+    ("applications", "trailcam", "args", "reid", "num_gpus"),
+    ("applications", "trailcam", "args", "reid", "autoscaling_config"),
+    ("applications", "trailcam", "args", "reid", "max_ongoing_requests"),
 )
 
 
@@ -61,7 +55,7 @@ def test_serve_config_passes_serves_own_schema(path: Path) -> None:
     assert [application.name for application in config.applications] == ["trailcam"]
 
 
-@pytest.mark.parametrize("path", [pytest.param(CPU, id="cpu"), pytest.param(GPU, id="gpu", marks=needs_reid_args)])
+@pytest.mark.parametrize("path", [CPU, GPU], ids=["cpu", "gpu"])
 def test_serve_config_builds_the_application(path: Path) -> None:
     """build_app(args) succeeds for the config's args, and every deployment override names a real deployment."""
     for application in load(path)["applications"]:
@@ -69,22 +63,25 @@ def test_serve_config_builds_the_application(path: Path) -> None:
         graph = build_serve_graph(app_module.build_app(application.get("args") or {}), name=application["name"])
         names = {deployment.name for deployment in graph.deployments}
         assert graph.ingress_deployment_name == "Ingress"
+        assert names == {"Ingress", "ReID"}
         overridden = {override["name"] for override in application.get("deployments", [])}
         assert overridden <= names, f"overrides for deployments the app does not have: {overridden - names}"
 
 
 def test_gpu_config_gives_each_reid_replica_a_gpu_and_autoscales() -> None:
     application = by_name(load(GPU)["applications"])["trailcam"]
-    reid = by_name(application["deployments"])["ReID"]
-    assert reid["ray_actor_options"]["num_gpus"] == 1
-    scaling = reid["autoscaling_config"]
-    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    reid = application["args"]["reid"]
+    graph = build_serve_graph(app_module.build_app(application["args"]), name="trailcam")
+    built = next(d for d in graph.deployments if d.name == "ReID")
+    assert built.ray_actor_options["num_gpus"] == 1
+    scaling = built._deployment_config.autoscaling_config
+    assert scaling is not None and 1 <= scaling.min_replicas < scaling.max_replicas
+    assert scaling.max_replicas == reid["autoscaling_config"]["max_replicas"]
     # A replica must accept enough concurrent requests to fill a batch.
-    assert reid["max_ongoing_requests"] >= application["args"]["reid"]["max_batch_size"]
-    assert scaling["target_ongoing_requests"] <= reid["max_ongoing_requests"]
+    assert built.max_ongoing_requests >= reid["max_batch_size"]
+    assert scaling.target_ongoing_requests <= built.max_ongoing_requests
 
 
-@needs_reid_args
 def test_gpu_config_differs_from_the_cpu_config_only_in_gpu_knobs() -> None:
     """The GPU variant is the same application: model, thresholds and routes match the CPU config."""
     cpu, gpu = load(CPU), load(GPU)
