@@ -7,6 +7,7 @@ COPY statement; :class:`serve_app.reid.score_buffer.ScoreBuffer` batches rows fo
 from __future__ import annotations
 
 import datetime as dt
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ COLUMNS = (
     "computed_at",
 )
 COPY_SQL = f"COPY reid_similarity_scores ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-COPY_TYPES = ["int8", "int8", "float4", "int4", "float4", "bool", "text", "text", "uuid", "timestamptz"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,19 +99,78 @@ def score_rows(
     ]
 
 
+# PostgreSQL binary COPY framing: signature, flags, header extension length; -1 field count ends it.
+_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_TRAILER = struct.pack(">h", -1)
+_PG_EPOCH_US = int(dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()) * 1_000_000
+_NULL = struct.pack(">i", -1)
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack(">i", len(data)) + data
+
+
+def _tuple_dtype(middle_len: int) -> np.dtype[Any]:
+    """One binary COPY tuple: field count, then (length, value) pairs; text/uuid fields are one blob."""
+    return np.dtype(
+        [
+            ("fields", ">i2"), ("l_det", ">i4"), ("det", ">i8"), ("l_deer", ">i4"), ("deer", ">i8"),
+            ("l_sim", ">i4"), ("sim", ">f4"), ("l_rank", ">i4"), ("rank", ">i4"), ("l_thr", ">i4"), ("thr", ">f4"),
+            ("l_matched", ">i4"), ("matched", "u1"), ("middle", f"V{middle_len}"), ("l_ts", ">i4"), ("ts", ">i8"),
+        ]
+    )  # fmt: skip
+
+
+def encode_binary(rows: Sequence[ScoreRow]) -> bytes:
+    """Rows as one PostgreSQL binary COPY stream, built with numpy (far cheaper than write_row per row).
+
+    model_version, source and run_id repeat within a batch, so each distinct combination is encoded
+    once as a blob and rows are grouped by it.
+    """
+    groups: dict[tuple[str, str, uuid.UUID | None], list[ScoreRow]] = {}
+    for row in rows:
+        groups.setdefault((row.model_version, row.source, row.run_id), []).append(row)
+    parts = [_HEADER]
+    for (model_version, source, run_id), members in groups.items():
+        run = _NULL if run_id is None else struct.pack(">i", 16) + run_id.bytes
+        middle = _text(model_version) + _text(source) + run
+        out = np.empty(len(members), dtype=_tuple_dtype(len(middle)))
+        out["fields"] = len(COLUMNS)
+        out["l_det"], out["l_deer"], out["l_sim"], out["l_rank"], out["l_thr"], out["l_matched"] = 8, 8, 4, 4, 4, 1
+        out["l_ts"] = 8
+        out["det"] = [r.detection_id for r in members]
+        out["deer"] = [r.deer_id for r in members]
+        out["sim"] = [r.similarity for r in members]
+        out["rank"] = [r.rank for r in members]
+        out["thr"] = [r.threshold for r in members]
+        out["matched"] = [r.matched for r in members]
+        out["middle"] = np.frombuffer(middle, dtype=f"V{len(middle)}")[0]
+        # Rows of one identification share a timestamp: convert each distinct one once.
+        stamps: dict[dt.datetime, int] = {}
+        out["ts"] = [
+            stamps.get(r.computed_at)
+            or stamps.setdefault(r.computed_at, round(r.computed_at.timestamp() * 1_000_000) - _PG_EPOCH_US)
+            for r in members
+        ]
+        parts.append(out.tobytes())
+    parts.append(_TRAILER)
+    return b"".join(parts)
+
+
 def copy_scores(conn: psycopg.Connection[Any], rows: Sequence[ScoreRow]) -> int:
     """Write rows with binary COPY on a sync connection (the caller commits); returns the row count."""
+    if not rows:
+        return 0
     with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
-        copy.set_types(COPY_TYPES)
-        for row in rows:
-            copy.write_row(row.as_tuple())
+        copy.write(encode_binary(rows))
     return len(rows)
 
 
 async def copy_scores_async(conn: psycopg.AsyncConnection[Any], rows: Sequence[ScoreRow]) -> int:
     """Write rows with binary COPY on an async connection (the caller commits); returns the row count."""
+    if not rows:
+        return 0
     async with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
-        copy.set_types(COPY_TYPES)
-        for row in rows:
-            await copy.write_row(row.as_tuple())
+        await copy.write(encode_binary(rows))
     return len(rows)
