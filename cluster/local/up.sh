@@ -36,7 +36,9 @@ if "$RAY" status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
     echo "a Ray head already answers on 127.0.0.1:$GCS_PORT; reusing it"
 else
     mkdir -p "$RAY_TMP"
-    "$RAY" start --head --port "$GCS_PORT" --node-ip-address 127.0.0.1 \
+    # Logical CPUs above the core count: the ingress, one ReID replica, export tasks and a backfill
+    # must all be schedulable at once; most of them wait on I/O.
+    "$RAY" start --head --port "$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus "${TRAILCAM_RAY_NUM_CPUS:-6}" \
         --dashboard-host 127.0.0.1 --dashboard-port 8265 --temp-dir "$RAY_TMP" --disable-usage-stats >/dev/null
     echo "$RAY_TMP" > "$DATA/ray-head.started"
     echo "started a Ray head (GCS 127.0.0.1:$GCS_PORT, temp dir $RAY_TMP)"
