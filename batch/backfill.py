@@ -107,7 +107,7 @@ class Progress(threading.Thread):
 
 
 def run_backfill(
-    options: BackfillOptions,
+    options: BackfillOptions | None,
     *,
     settings: Settings,
     dry_run: bool = False,
@@ -116,7 +116,7 @@ def run_backfill(
     cpu_threads: int = 0,
     progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> RunResult:
-    """Run (or resume) a backfill on the connected Ray cluster and return its summary."""
+    """Run (or resume: ``options`` then come from the run's row) a backfill and return its summary."""
     from batch import pipeline  # Ray Data is imported only by runs that use it
 
     dsn = settings.database_dsn
@@ -129,6 +129,8 @@ def run_backfill(
                 raise ValueError(f"no backfill run {resume}")
             stored = dict(row["parameters"])
             options = BackfillOptions.from_json(stored)
+        if options is None:
+            raise ValueError("a new run needs options")
             if not runs.try_lock_run(conn, resume):
                 raise ValueError(f"backfill run {resume} is still running in another process")
         version = model_version(options)

@@ -30,14 +30,22 @@ class Demo:
     settings: Settings
 
 
-@pytest.fixture(scope="module")
-def demo(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    """The demo data set, loaded once per module into a truncated database."""
-    root = tmp_path_factory.mktemp("demo-images")
-    truncate_all(database_url)
-    load_demo(database_url, image_root=root, params=DEMO, workers=2)
-    settings = Settings(environment="test", database_url=database_url, image_root=root)
-    return Demo(database_url, root, settings)
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the demo images are rendered (once per session)."""
+    return tmp_path_factory.mktemp("demo-images")
+
+
+@pytest.fixture
+def demo(database_url: str, demo_root: Path) -> Demo:
+    """The demo data set as the only data in the database (a no-op when it is loaded already)."""
+    with psycopg.connect(database_url) as conn:
+        other = conn.execute("SELECT count(*) FROM sites WHERE name NOT LIKE 'Demo site %'").fetchone()
+    if other and other[0]:
+        truncate_all(database_url)
+    load_demo(database_url, image_root=demo_root, params=DEMO, workers=2)
+    settings = Settings(environment="test", database_url=database_url, image_root=demo_root)
+    return Demo(database_url, demo_root, settings)
 
 
 def reset_scores(dsn: str) -> None:

@@ -80,9 +80,7 @@ def test_backfill_score_equals_the_online_computation_for_the_same_crop(
     from PIL import Image
 
     def embed_missing(rows: Any) -> np.ndarray:
-        return embedder.embed_crops(
-            [crop(Image.open(demo.image_root / r.uri).convert("RGB"), r.bbox) for r in rows]
-        )
+        return embedder.embed_crops([crop(Image.open(demo.image_root / r.uri).convert("RGB"), r.bbox) for r in rows])
 
     with psycopg.connect(demo.dsn) as conn:
         for det in sample:
@@ -114,9 +112,7 @@ def test_dry_run_writes_nothing_and_reports_a_sample(demo: Demo, fresh: psycopg.
 def test_apply_assignments_never_touches_manual_and_records_every_change(
     demo: Demo, fresh: psycopg.Connection[Any]
 ) -> None:
-    manual_before = fresh.execute(
-        "SELECT id, deer_id FROM detections WHERE decision = 'manual' ORDER BY id"
-    ).fetchall()
+    manual_before = fresh.execute("SELECT id, deer_id FROM detections WHERE decision = 'manual' ORDER BY id").fetchall()
     # Accept everything: every automatic detection gets its top-1 profile.
     result = run_backfill(
         small_options(mode="all", accept_threshold=-1.0, apply_assignments=True, store_embeddings=True),
