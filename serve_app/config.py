@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     )
     export_status_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of an export job's status, seconds.")
     export_lease_s: float = Field(default=10.0, gt=0, description="Runner heartbeat lease, seconds.")
+    export_start_grace_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a queued export may wait for a Ray worker before it is failed, seconds.",
+    )
+    export_sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="Period of the sweeper that fails lapsed jobs and removes old files, seconds."
+    )
+    export_task_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved by each export task.")
+    export_scientific_name: str = Field(
+        default="Odocoileus virginianus", description="Taxon written into Camtrap DP observations."
+    )
     key_pepper: str = Field(
         default=PLACEHOLDER_SECRET,
         description="Secret mixed into API-key hashes; must be changed outside development and test.",

@@ -1,0 +1,287 @@
+"""Export API: validate, queue a runner task, report status from Redis, serve and delete files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+import ray
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.api.deps import PrincipalDep, ResourcesDep
+from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem
+from serve_app.errors import NotFound, ServiceUnavailable
+from serve_app.exports import metrics
+from serve_app.exports.files import EXTENSIONS, MEDIA_TYPES, ExportFiles, file_uri
+from serve_app.exports.jobs import Job, JobStore, fingerprint
+from serve_app.exports.sweeper import job_lost, run_sweeper
+from serve_app.exports.task import submit_export
+from serve_app.exports.validation import FORMATS, GROUP_BY, RuleError, validate_export_request
+from serve_app.keys import Principal
+from serve_app.resources import Resources
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+
+@dataclass
+class ExportState:
+    """Per-replica helpers. ``refs`` only lets DELETE cancel a task this replica launched;
+    nothing depends on it being complete (status lives in Redis)."""
+
+    store: JobStore
+    files: ExportFiles
+    refs: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Build the job store on the app's Redis client and run the sweeper while the app runs."""
+    resources: Resources = app.state.resources
+    settings = resources.settings
+    store = JobStore(
+        resources.redis, status_ttl_s=settings.export_status_ttl_s, start_grace_s=settings.export_start_grace_s
+    )
+    state = ExportState(store=store, files=ExportFiles(settings.export_dir))
+    app.state.exports = state
+    sweeper = asyncio.create_task(
+        run_sweeper(
+            resources.redis,
+            store,
+            state.files,
+            interval_s=settings.export_sweep_interval_s,
+            file_ttl_s=settings.export_status_ttl_s,
+        )
+    )
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+
+router = APIRouter(prefix="/api/exports", tags=["exports"], lifespan=lifespan)
+
+
+class ExportRequestBody(BaseModel):
+    """The body of POST /api/exports (documented here; checked rule by rule in exports.validation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_date: dt.date = Field(description="First day (UTC) of the export, YYYY-MM-DD; not after today (VR-004).")
+    end_date: dt.date = Field(
+        description="Last day (UTC), included; after start_date (VR-001), at most 365 days later (VR-002), "
+        "not after today (VR-005)."
+    )
+    group_by: Literal["day", "week", "month"] = Field(description="Summary period (VR-003); ISO weeks start Monday.")
+    format: Literal["csv", "parquet", "json", "camtrap-dp"]
+    site_ids: list[int] | None = Field(default=None, description="Default: every site of the API key.")
+
+
+class ExportJobView(BaseModel):
+    """A job as GET /api/exports/{id} shows it."""
+
+    id: str
+    status: Literal["processing", "completed", "failed"]
+    format: str
+    progress: float
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    error: str | None
+    download_url: str | None
+    params: dict[str, Any]
+
+
+_PROBLEM: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ExportRequestBody.model_json_schema()}},
+    }
+}
+
+
+def _state(request: Request) -> ExportState:
+    state: ExportState = request.app.state.exports
+    return state
+
+
+def _reject(errors: list[RuleError]) -> Problem:
+    rules = sorted({e.rule for e in errors})
+    metrics.validation_rejected(e.rule for e in errors)
+    return Problem(
+        400, "validation-failed", f"request failed validation: {', '.join(rules)}", errors=[e.as_dict() for e in errors]
+    )
+
+
+async def _unknown_sites(resources: Resources, site_ids: tuple[int, ...]) -> list[int]:
+    try:
+        async with resources.pool.connection() as conn:
+            cur = await conn.execute("SELECT id FROM sites WHERE id = ANY(%s)", (list(site_ids),))
+            known = {int(row["id"]) for row in await cur.fetchall()}  # type: ignore[call-overload]
+    except (psycopg.Error, TimeoutError) as exc:
+        raise ServiceUnavailable("postgres", "cannot check site ids") from exc
+    return sorted(set(site_ids) - known)
+
+
+async def _owned(request: Request, job_id: str, principal: Principal) -> Job:
+    state = _state(request)
+    job, lapsed = await state.store.read(job_id)
+    if job is not None and lapsed:
+        await job_lost(job, state.files)
+    if job is None or job.owner != principal.key_id:
+        raise NotFound(f"no export {job_id}")
+    return job
+
+
+def _view(job: Job, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if job.status == "processing":
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JSONResponse(job.public(), status_code=status_code, headers=headers)
+
+
+def _submit(request: Request, resources: Resources, job: Job) -> None:
+    settings = resources.settings
+    state = _state(request)
+    ref = submit_export(
+        settings.database_dsn,
+        job_id=job.id,
+        params=job.params,
+        redis_url=settings.redis_dsn,
+        export_dir=settings.export_dir,
+        num_cpus=settings.export_task_num_cpus,
+        lease_s=settings.export_lease_s,
+        scientific_name=settings.export_scientific_name,
+    )
+    state.refs[job.id] = ref
+    ref.future().add_done_callback(lambda _: state.refs.pop(job.id, None))
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Request an export (validated before anything is queued)",
+    openapi_extra=_BODY_DOC,
+    responses={
+        202: {"model": ExportJobView, "description": "queued; poll the Location"},
+        400: {"description": "failed rules, all listed in errors[]", **_PROBLEM},
+        401: {"description": "missing or invalid API key", **_PROBLEM},
+        422: {"description": "Idempotency-Key reused with another body", **_PROBLEM},
+    },
+)
+async def create_export(request: Request, principal: PrincipalDep, resources: ResourcesDep) -> JSONResponse:
+    """Check VR-001..VR-005 and the body's shape together; 202 with the new job, or 400 listing every failure."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise _reject([RuleError("malformed_json", "body", "the body is not valid JSON")]) from None
+    export, errors = validate_export_request(body, principal=principal, today=dt.datetime.now(dt.UTC).date())
+    if export is None:
+        raise _reject(errors)
+    if export.site_ids and principal.all_sites:
+        unknown = await _unknown_sites(resources, export.site_ids)
+        if unknown:
+            detail = f"unknown site id(s): {', '.join(map(str, unknown))}"
+            raise _reject([RuleError("site_access", "site_ids", detail)])
+    idempotency = None
+    header = request.headers.get("idempotency-key")
+    if header is not None:
+        if not header.strip() or len(header) > MAX_IDEMPOTENCY_KEY_CHARS:
+            raise _reject([RuleError("format", "Idempotency-Key", "must be 1-255 characters")])
+        idempotency = (header, fingerprint(body))
+    params = export.params(principal)
+    state = _state(request)
+    outcome, job = await state.store.create(
+        owner=principal.key_id,
+        params=params,
+        file_uri_for=lambda job_id: file_uri(resources.settings.export_dir, job_id, export.format),
+        idempotency=idempotency,
+    )
+    if outcome == "conflict":
+        raise Problem(422, "idempotency-key-reused", "this Idempotency-Key was already used with a different body")
+    if job is None:
+        raise NotFound("the export expired before it could be read")
+    if outcome == "created":
+        try:
+            _submit(request, resources, job)
+        except Exception as exc:
+            await state.store.fail(job.id, error="could not start the export task")
+            raise ServiceUnavailable("ray", "cannot start the export task") from exc
+    return _view(job, 202, {"Location": f"/api/exports/{job.id}"})
+
+
+@router.get(
+    "/{job_id}",
+    summary="Export status",
+    responses={200: {"model": ExportJobView}, 404: {"description": "unknown, expired or deleted", **_PROBLEM}},
+)
+async def get_export(request: Request, job_id: str, principal: PrincipalDep) -> JSONResponse:
+    """The job's fields; ``Retry-After`` while processing; a lapsed lease reads as failed."""
+    return _view(await _owned(request, job_id, principal))
+
+
+@router.get(
+    "/{job_id}/download",
+    summary="Download a completed export",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {m.split(";")[0]: {} for m in MEDIA_TYPES.values()}},
+        404: {"description": "unknown, expired or deleted", **_PROBLEM},
+        409: {"description": "not completed (yet)", **_PROBLEM},
+    },
+)
+async def download_export(request: Request, job_id: str, principal: PrincipalDep) -> StreamingResponse:
+    """Stream the file with its media type and a descriptive filename."""
+    job = await _owned(request, job_id, principal)
+    if job.status != "completed":
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if job.status == "processing" else None
+        raise Problem(409, "export-not-ready", f"the export is {job.status}", headers=headers)
+    files = _state(request).files
+    size = await asyncio.to_thread(files.size_bytes, job.file_uri)
+    if size is None:
+        raise NotFound(f"the file of export {job_id} is gone")
+    fmt = job.fields.get("format", "csv")
+    params = job.params
+    name = f"trailcam-export-{params.get('start_date')}-{params.get('end_date')}-{job_id[:8]}.{EXTENSIONS[fmt]}"
+    return StreamingResponse(
+        files.chunks(job.file_uri),
+        media_type=MEDIA_TYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(size)},
+    )
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Cancel and delete an export",
+    responses={404: {"description": "unknown, expired or deleted", **_PROBLEM}},
+)
+async def delete_export(request: Request, job_id: str, principal: PrincipalDep) -> Response:
+    """Remove the status and the file; a running task is cancelled (or notices on its next heartbeat)."""
+    state = _state(request)
+    job = await state.store.delete(job_id, owner=principal.key_id)
+    if job is None:
+        raise NotFound(f"no export {job_id}")
+    ref = state.refs.pop(job_id, None)
+    if ref is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(ray.cancel, ref)
+    await asyncio.to_thread(state.files.remove, job.file_uri)
+    return Response(status_code=204)
+
+
+__all__ = ["FORMATS", "GROUP_BY", "router"]

@@ -1,0 +1,140 @@
+"""The export runner: plain Python that the Ray task calls (tests call it directly too).
+
+It claims its job (recording its PID), renews a lease from a heartbeat thread while it reads
+Postgres and writes the file, then completes or fails the job in one compare-and-set. When
+the job was deleted or expired meanwhile, it removes its own file and leaves no status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import psycopg
+import redis
+
+from serve_app.exports import metrics
+from serve_app.exports.camtrap import CamtrapError, write_package
+from serve_app.exports.files import ExportFiles, file_uri
+from serve_app.exports.jobs import RunnerLease, download_path, utc_now_iso
+from serve_app.exports.summary import write_summary
+from serve_app.store.db import connect
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCIENTIFIC_NAME = "Odocoileus virginianus"
+MAX_ERROR_CHARS = 300
+
+
+class JobGone(Exception):
+    """The job was deleted, expired or ended by someone else while the runner worked."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A short, single-line reason for the API (no stack trace)."""
+    if isinstance(exc, CamtrapError):
+        text = str(exc)
+    elif isinstance(exc, psycopg.Error):
+        text = f"database error: {str(exc).strip() or type(exc).__name__}"
+    else:
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:MAX_ERROR_CHARS]
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every third of its length; notices when the job is gone."""
+
+    def __init__(self, lease: RunnerLease, *, interval_s: float) -> None:
+        super().__init__(name="export-heartbeat", daemon=True)
+        self._lease = lease
+        self._interval_s = interval_s
+        self._stop_event = threading.Event()
+        self.gone = threading.Event()
+        self.progress = 0.0
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval_s):
+            try:
+                if not self._lease.renew(progress=round(self.progress, 3)):
+                    self.gone.set()
+                    return
+            except redis.RedisError as exc:  # the lease may lapse; the final CAS then tells
+                logger.warning("lease renewal failed: %s", exc)
+
+    def check(self) -> None:
+        """Raise JobGone when the job no longer wants this runner; advance progress a little."""
+        if self.gone.is_set():
+            raise JobGone()
+        self.progress = min(0.9, self.progress + 0.02)
+
+    def stop(self) -> None:
+        """End the thread (it exits within one interval at most; it is a daemon anyway)."""
+        self._stop_event.set()
+
+
+def _write(conn: psycopg.Connection[Any], sink: Any, *, job_id: str, params: dict[str, Any], **kw: Any) -> int:
+    if params["format"] == "camtrap-dp":
+        return write_package(conn, sink, job_id=job_id, params=params, **kw)
+    kw.pop("scientific_name", None)
+    return write_summary(conn, sink, params=params, **kw)
+
+
+def run_export(
+    dsn: str,
+    *,
+    job_id: str,
+    params: dict[str, Any],
+    redis_url: str,
+    export_dir: str,
+    lease_s: float,
+    scientific_name: str = DEFAULT_SCIENTIFIC_NAME,
+) -> str:
+    """Produce one export; returns the final status it set, or "gone" when the job vanished."""
+    started = time.monotonic()
+    fmt = str(params["format"])
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3)
+    try:
+        lease = RunnerLease(client, job_id, lease_s=lease_s)
+        if not lease.renew(worker_pid=os.getpid(), started_at=utc_now_iso(), progress=0.0):
+            logger.info("export %s is no longer pending; not starting", job_id)
+            return "gone"
+        files = ExportFiles(export_dir)
+        uri = file_uri(export_dir, job_id, fmt)
+        heartbeat = Heartbeat(lease, interval_s=max(lease_s / 3, 0.05))
+        heartbeat.start()
+        try:
+            with connect(dsn) as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                with files.open_part(uri) as sink:
+                    rows = _write(
+                        conn, sink, job_id=job_id, params=params, scientific_name=scientific_name, check=heartbeat.check
+                    )
+            heartbeat.check()
+            files.publish(uri)
+            size = files.size_bytes(uri)
+        except BaseException as exc:
+            heartbeat.stop()
+            files.remove(uri)
+            if isinstance(exc, JobGone):
+                logger.info("export %s was deleted or expired while running; file removed", job_id)
+                return "gone"
+            if not isinstance(exc, Exception):
+                raise  # cancellation (KeyboardInterrupt) or shutdown: the file is already gone
+            logger.warning("export %s failed: %s", job_id, exc)
+            if lease.finish("failed", error=one_line(exc)):
+                metrics.export_finished(status="failed", fmt=fmt, duration_s=time.monotonic() - started)
+                return "failed"
+            return "gone"
+        heartbeat.stop()
+        if lease.finish("completed", download_url=download_path(job_id), progress=1.0, rows=rows, size_bytes=size):
+            metrics.export_finished(status="completed", fmt=fmt, duration_s=time.monotonic() - started)
+            return "completed"
+        # Deleted or expired between the last check and the final CAS: leave nothing behind.
+        files.remove(uri)
+        return "gone"
+    finally:
+        client.close()

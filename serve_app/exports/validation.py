@@ -1,0 +1,136 @@
+"""Export request rules VR-001..VR-005 plus shape checks, all evaluated together in plain Python."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.keys import Principal
+
+GROUP_BY = ("day", "week", "month")
+FORMATS = ("csv", "parquet", "json", "camtrap-dp")
+REQUIRED_FIELDS = ("start_date", "end_date", "group_by", "format")
+OPTIONAL_FIELDS = ("site_ids",)
+MAX_RANGE_DAYS = 365
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class RuleError:
+    """One failed rule: its stable code, the field it concerns and a readable reason."""
+
+    rule: str
+    field: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        """The ``errors[]`` item of a problem+json body."""
+        return {"rule": self.rule, "field": self.field, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """A request that passed every rule; ``site_ids`` None means all of the key's sites."""
+
+    start_date: dt.date
+    end_date: dt.date
+    group_by: str
+    format: str
+    site_ids: tuple[int, ...] | None
+
+    def params(self, principal: Principal) -> dict[str, Any]:
+        """JSON-able parameters for the runner, with the site scope resolved against the key."""
+        sites = list(self.site_ids) if self.site_ids is not None else principal.site_filter()
+        return {
+            "start_date": self.start_date.isoformat(),
+            "end_date": self.end_date.isoformat(),
+            "group_by": self.group_by,
+            "format": self.format,
+            "site_ids": sites,
+        }
+
+
+def _parse_date(body: dict[str, Any], name: str, errors: list[RuleError]) -> dt.date | None:
+    value = body.get(name)
+    if name not in body:
+        return None
+    if not isinstance(value, str) or not _DATE.match(value):
+        errors.append(RuleError("format", name, f"{name} must be a date formatted YYYY-MM-DD, got {value!r}"))
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        errors.append(RuleError("format", name, f"{name} is not a calendar date: {value!r}"))
+        return None
+
+
+def _parse_sites(body: dict[str, Any], principal: Principal, errors: list[RuleError]) -> tuple[int, ...] | None:
+    if "site_ids" not in body or body["site_ids"] is None:
+        return None
+    raw = body["site_ids"]
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw)
+    ):
+        errors.append(RuleError("format", "site_ids", "site_ids must be a non-empty list of positive integer ids"))
+        return None
+    sites = tuple(sorted(set(raw)))
+    denied = [s for s in sites if not principal.allows(s)]
+    if denied:
+        errors.append(
+            RuleError("site_access", "site_ids", f"site id(s) not available to this key: {', '.join(map(str, denied))}")
+        )
+    return sites
+
+
+def _date_rules(start: dt.date | None, end: dt.date | None, today: dt.date) -> list[RuleError]:
+    errors: list[RuleError] = []
+    if start is not None and end is not None:
+        if start >= end:
+            errors.append(RuleError("VR-001", "end_date", f"start_date {start} must be before end_date {end}"))
+        elif (end - start).days > MAX_RANGE_DAYS:
+            errors.append(
+                RuleError(
+                    "VR-002",
+                    "end_date",
+                    f"the range spans {(end - start).days} days; at most {MAX_RANGE_DAYS} are allowed",
+                )
+            )
+    if start is not None and start > today:
+        errors.append(RuleError("VR-004", "start_date", f"start_date {start} is after today ({today}, UTC)"))
+    if end is not None and end > today:
+        errors.append(RuleError("VR-005", "end_date", f"end_date {end} is after today ({today}, UTC)"))
+    return errors
+
+
+def validate_export_request(
+    body: object, *, principal: Principal, today: dt.date
+) -> tuple[ExportRequest | None, list[RuleError]]:
+    """Check every rule on a decoded JSON body; returns the request or every failure found."""
+    if not isinstance(body, dict):
+        return None, [RuleError("format", "body", "the body must be a JSON object")]
+    errors: list[RuleError] = []
+    known = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS)
+    for name in sorted(set(body) - known):
+        errors.append(RuleError("unknown_field", str(name), f"unknown field {name!r}"))
+    for name in REQUIRED_FIELDS:
+        if name not in body:
+            errors.append(RuleError("missing_field", name, f"{name} is required"))
+    start = _parse_date(body, "start_date", errors)
+    end = _parse_date(body, "end_date", errors)
+    group_by = body.get("group_by")
+    if "group_by" in body and group_by not in GROUP_BY:
+        errors.append(
+            RuleError("VR-003", "group_by", f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
+        )
+    fmt = body.get("format")
+    if "format" in body and fmt not in FORMATS:
+        errors.append(RuleError("invalid_value", "format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
+    sites = _parse_sites(body, principal, errors)
+    errors.extend(_date_rules(start, end, today))
+    if errors or start is None or end is None:
+        return None, errors
+    return ExportRequest(start, end, str(group_by), str(fmt), sites), []

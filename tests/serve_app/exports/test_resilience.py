@@ -1,0 +1,161 @@
+"""Jobs always end: TTL expiry, a killed runner, DELETE racing completion, many concurrent exports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from serve_app.exports import scripts
+from tests import factories
+from tests.serve_app.exports.conftest import auth, make_dataset, request_body, wait_final
+
+
+def test_status_expires_after_the_ttl_and_updates_keep_it(
+    tuned_app: Callable[..., str], serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis
+) -> None:
+    url = tuned_app("ttl", export_status_ttl_s=2)
+    make_dataset(db, days=3)
+    key = auth(factories.api_key(db))
+    with httpx.Client(base_url=serve_url, timeout=30) as warm:  # start Ray workers before the 2 s clock runs
+        wait_final(warm, warm.post("/api/exports", json=request_body(), headers=key).headers["location"], key)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        resp = client.post("/api/exports", json=request_body(), headers=key)
+        assert resp.status_code == 202
+        job_key = scripts.job_key(resp.json()["id"])
+        created_pttl = redis_client.pttl(job_key)
+        assert 0 < created_pttl <= 2000
+        final = wait_final(client, "/api/exports/" + resp.json()["id"], headers=key, timeout_s=1.5)
+        assert final["status"] == "completed"
+        assert redis_client.hget(job_key, "worker_pid")  # the runner's updates happened
+        after = redis_client.pttl(job_key)
+        assert 0 < after < created_pttl  # they neither extended nor removed the TTL
+        assert redis_client.ttl(job_key) in (1, 2)
+        time.sleep(after / 1000 + 0.2)
+        gone = client.get("/api/exports/" + resp.json()["id"], headers=key)
+        assert gone.status_code == 404
+        assert gone.headers["content-type"].startswith("application/problem+json")
+        assert redis_client.exists(job_key) == 0
+
+
+def test_sigkill_of_the_runner_ends_failed_within_two_leases(
+    tuned_app: Callable[..., str],
+    database_url: str,
+    db: psycopg.Connection[Any],
+    redis_client: redis.Redis,
+) -> None:
+    lease_s = 1.0
+    url = tuned_app("lease", export_lease_s=lease_s, export_sweep_interval_s=0.25)
+    make_dataset(db, days=3)
+    key = auth(factories.api_key(db))
+    with psycopg.connect(database_url) as blocker, httpx.Client(base_url=url, timeout=30) as client:
+        blocker.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")  # the runner blocks mid-job
+        resp = client.post("/api/exports", json=request_body("parquet"), headers=key)
+        job_key = scripts.job_key(resp.json()["id"])
+        deadline = time.monotonic() + 30
+        while not (pid := redis_client.hget(job_key, "worker_pid")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid, "the runner never started"
+        time.sleep(2 * lease_s)  # alive and blocked: the heartbeat keeps it processing
+        assert redis_client.hget(job_key, "status") == "processing"
+        os.kill(int(pid), signal.SIGKILL)
+        killed_at = time.monotonic()
+        # No reader polls the API here: the sweeper alone must end the job.
+        while redis_client.hget(job_key, "status") == "processing" and time.monotonic() - killed_at < 10:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - killed_at
+        blocker.rollback()
+        assert redis_client.hget(job_key, "status") == "failed"
+        assert elapsed <= 2 * lease_s, f"failed only after {elapsed:.2f}s"
+        body = client.get("/api/exports/" + resp.json()["id"], headers=key).json()
+        assert body["status"] == "failed" and body["error"] == "export worker lost"
+
+
+def test_delete_racing_completion_never_leaves_a_job_or_file(
+    serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis
+) -> None:
+    make_dataset(db, days=2)
+    key = auth(factories.api_key(db))
+    rng = random.Random(3)
+    delays = [rng.uniform(0, 0.6) for _ in range(100)]
+
+    def race(delay: float) -> tuple[str, str, int]:
+        with httpx.Client(base_url=serve_url, timeout=30) as client:
+            resp = client.post("/api/exports", json=request_body(rng.choice(["csv", "camtrap-dp"])), headers=key)
+            job_id = resp.json()["id"]
+            file_uri = redis_client.hget(scripts.job_key(job_id), "file_uri") or ""
+            time.sleep(delay)
+            return job_id, file_uri, client.delete(f"/api/exports/{job_id}", headers=key).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(race, delays))
+    assert {status for _, _, status in results} == {204}
+    files = [Path(uri) for _, uri, _ in results]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(p.exists() or Path(f"{p}.part").exists() for p in files):
+        time.sleep(0.2)
+    assert [p for p in files if p.exists() or Path(f"{p}.part").exists()] == []
+    assert job_keys_left(redis_client) == []
+    with httpx.Client(base_url=serve_url, timeout=30) as client:
+        assert {client.get(f"/api/exports/{job_id}", headers=key).status_code for job_id, _, _ in results} == {404}
+
+
+def job_keys_left(client: redis.Redis) -> list[str]:
+    return [str(k) for k in client.scan_iter(scripts.JOB_PREFIX + "*")]
+
+
+async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> dict[str, int]:
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        posts = await asyncio.gather(
+            *(
+                client.post("/api/exports", json=request_body(["csv", "json", "parquet"][i % 3]), headers=key)
+                for i in range(count)
+            )
+        )
+        assert [r.status_code for r in posts] == [202] * count
+        pending = {r.json()["id"] for r in posts}
+        final: dict[str, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            answers = await asyncio.gather(*(client.get(f"/api/exports/{i}", headers=key) for i in pending))
+            for answer in answers:
+                body = answer.json()
+                if body["status"] != "processing":
+                    final[body["id"]] = body["status"]
+            pending -= set(final)
+            await asyncio.sleep(0.5)
+    assert not pending, f"{len(pending)} exports still processing"
+    counts: dict[str, int] = {}
+    for status in final.values():
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def test_200_concurrent_exports_all_end(serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis) -> None:
+    make_dataset(db, days=2)
+    counts = asyncio.run(_many(serve_url, auth(factories.api_key(db)), 200, timeout_s=150))
+    assert sum(counts.values()) == 200
+    assert set(counts) <= {"completed", "failed"}
+    assert counts.get("completed", 0) == 200
+
+
+@pytest.mark.slow
+def test_1000_concurrent_exports_all_end(
+    serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis
+) -> None:
+    make_dataset(db, days=2)
+    counts = asyncio.run(_many(serve_url, auth(factories.api_key(db)), 1000, timeout_s=600))
+    assert sum(counts.values()) == 1000
+    assert set(counts) <= {"completed", "failed"}
