@@ -79,7 +79,9 @@ def test_individual_ids_become_profiles_with_manual_assignments(
         if obs["observationID"] in chosen:
             obs["individualID"] = "Reinaert" if obs["observationID"] != chosen[2] else "Isengrim"
     _write_csv(package, "observations", observations)
-    summary = import_package(database_url, package, media_root=package / "media", image_root=tmp_path, site_name="Fox hill")
+    summary = import_package(
+        database_url, package, media_root=package / "media", image_root=tmp_path, site_name="Fox hill"
+    )
     assert (summary.deer, summary.manual_assignments) == (2, 3)
     rows = db.execute(
         "SELECT de.name, count(*) AS n FROM detections d JOIN deer de ON de.id = d.deer_id"
@@ -121,8 +123,9 @@ def test_export_of_the_imported_range_validates_again(
     }
     sink = io.BytesIO()
     with connect(database_url) as conn:
-        count = write_package(conn, sink, job_id=str(uuid.uuid4()), params=params, scientific_name="Capreolus capreolus",
-                              check=lambda: None)  # fmt: skip
+        count = write_package(
+            conn, sink, job_id=str(uuid.uuid4()), params=params, scientific_name="Capreolus", check=lambda: None
+        )
     assert count == summary.detections
     out = tmp_path / "export"
     with zipfile.ZipFile(io.BytesIO(sink.getvalue())) as zf:
