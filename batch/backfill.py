@@ -176,14 +176,14 @@ def run_backfill(
                     progress.start()
                 if dry_run:
                     dry = pipeline.DryRunSink(model_version=version, options=options)
-                    ds.write_datasink(dry)
+                    ds.write_datasink(dry, ray_remote_args={"num_cpus": pipeline.WRITE_CPUS})
                     result.dry_run = dry.summary
                     result.detections, result.score_rows = dry.summary["detections"], dry.summary["score_rows"]
                     result.failed = dry.summary["failed"]
                 else:
                     sink = pipeline.ScoreSink(dsn=dsn, run_id=selection.run_id or uuid.uuid4(), model_version=version,
                                               options=options)  # fmt: skip
-                    ds.write_datasink(sink)
+                    ds.write_datasink(sink, ray_remote_args={"num_cpus": pipeline.WRITE_CPUS})
                     counts = sink.counts
                     result.detections, result.score_rows = counts.detections, counts.score_rows
                     result.failed, result.reassigned = counts.failed, counts.reassigned

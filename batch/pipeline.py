@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 5
 DECODE_BATCH = 16
+DECODE_CPUS = 0.5
+"""Logical CPUs per decode task."""
+WRITE_CPUS = 0.25
+"""Logical CPUs per write task (mostly waiting on Postgres)."""
 
 
 def read_ranges(batch: Any, *, dsn: str, selection: Selection) -> pa.Table:
@@ -222,15 +226,17 @@ def build_dataset(
     size = options.input_size_px
     items = [{"lo": lo, "hi": hi} for lo, hi in ranges]
     ds: Dataset = ray.data.from_items(items, override_num_blocks=max(1, len(ranges)))
-    ds = ds.map_batches(functools.partial(read_ranges, dsn=dsn, selection=selection), batch_size=1)
+    read = functools.partial(read_ranges, dsn=dsn, selection=selection)
+    ds = ds.map_batches(read, batch_size=1, num_cpus=DECODE_CPUS)
     decode = functools.partial(decode_crops, image_root=str(image_root), size_px=size, draft=options.decode == "draft")
-    ds = ds.map_batches(decode, batch_size=DECODE_BATCH)
+    # Other CPU figures than the actor's keep Ray Data from fusing decoding into the embedding actor.
+    ds = ds.map_batches(decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
     pool = actors or max(1, gpus)
     resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     return ds.map_batches(
         EmbedAndMatch,
         batch_size=options.batch_size,
-        concurrency=pool,
+        compute=ray.data.ActorPoolStrategy(size=pool),
         fn_constructor_kwargs={
             "options": options.as_json(),
             "dsn": dsn,
