@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app.api import exports, health, reid_routes
+from serve_app.api import reports as threshold_reports
 from serve_app.api.problems import install_problem_handlers
 from serve_app.config import Settings
 from serve_app.resources import Resources
@@ -43,6 +44,7 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
     app.state.readiness_checks = dict(health.READINESS_CHECKS)
     install_problem_handlers(app)
     app.include_router(health.router)
+    app.include_router(threshold_reports.router)
     app.include_router(exports.router)
     app.include_router(reid_routes.router)
     return app

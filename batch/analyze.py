@@ -1,0 +1,156 @@
+"""Threshold analysis of one model version's similarity log: report.md, report.json and histogram.png.
+
+``python -m batch.analyze --model-version V --out DIR [--site ID ...]`` (also submittable with
+``ray job submit ... -- python -m batch.analyze ...``). The report is also stored in Postgres, where
+``GET /api/reid/threshold-report`` serves the latest one for the caller's sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from batch.report import build_report
+from serve_app.config import get_settings
+from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD
+from serve_app.store.db import connect
+
+logger = logging.getLogger(__name__)
+
+BAR_COLOR = "#4c72b0"
+CURRENT_COLOR = "#d62728"
+RECOMMENDED_COLOR = "#2ca02c"
+STORE_SQL = "INSERT INTO threshold_reports (model_version, site_ids, report) VALUES (%s, %s, %s) RETURNING id"
+
+
+def draw_histogram(report: dict[str, Any], path: Path) -> None:
+    """Bars of top-1 similarities with the current (red) and recommended (green) thresholds."""
+    edges = report["histogram"]["edges"]
+    counts = report["histogram"]["counts"]
+    nonzero = [i for i, c in enumerate(counts) if c]
+    lo = edges[nonzero[0]] if nonzero else 0.0
+    hi = edges[nonzero[-1] + 1] if nonzero else 1.0
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
+    ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color=BAR_COLOR, label="top-1 similarity")
+    current, recommended = report["current_threshold"], report["recommended_threshold"]
+    trusted = "" if report["recommendation_trusted"] else " (not trustworthy)"
+    ax.axvline(current, color=CURRENT_COLOR, linewidth=2.5, label=f"current threshold {current:.2f}")
+    ax.axvline(recommended, color=RECOMMENDED_COLOR, linewidth=2.5,
+               label=f"recommended {recommended:.3f}{trusted}")  # fmt: skip
+    ax.set_xlim(min(lo, current, recommended) - 0.05, max(hi, current, recommended) + 0.05)
+    ax.set_xlabel("top-1 cosine similarity")
+    ax.set_ylabel("detections")
+    title = f"{report['model_version']}: {report['detections']} detections"
+    ax.set_title(title + (" - RANDOM WEIGHTS, meaningless" if report["random_weights"] else ""))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: warnings first, then the recommendation and the tables."""
+    scope = "all sites" if report["site_ids"] is None else "sites " + ", ".join(map(str, report["site_ids"]))
+    lines = [f"# Threshold report: {report['model_version']}", "", f"Scope: {scope}; {report['detections']} "
+             "detections (latest top-1 score each; manual assignments excluded).", ""]  # fmt: skip
+    lines += [f"**Warning:** {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
+    mixture = report["mixture"]
+    lines += [
+        "## Recommendation",
+        "",
+        f"- Current threshold: {report['current_threshold']:.2f}",
+        f"- Recommended threshold (two-Gaussian mixture): {report['recommended_threshold']:.3f} - "
+        + (mixture["reason"] if mixture else "no scores"),
+        f"- Trust it: {'yes' if report['recommendation_trusted'] else 'NO'}",
+        "",
+        "![histogram](histogram.png)",
+        "",
+        "## Assignment rate per threshold",
+        "",
+        "| threshold | assigned | rate |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['threshold']:.2f} | {r['assigned']} | {_pct(r['rate'])} |" for r in report["assignment_rates"]]
+    labelled = report["labelled"]
+    lines += ["", "## Against manual decisions", ""]
+    if labelled["samples"]:
+        best = labelled["f1_best"]
+        lines += [f"{labelled['samples']} manual decisions scored before review. F1-best threshold: "
+                  f"{best['threshold']:.2f} (F1 {best['f1']:.3f}).", "",
+                  "| threshold | precision | recall | F1 |", "|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"| {r['threshold']:.2f} | {_pct(r['precision'])} | {_pct(r['recall'])} | {r['f1']} |"
+            for r in labelled["per_threshold"]
+        ]
+    else:
+        lines.append("No manual decisions with a score computed before the review: no precision/recall.")
+    truth = report["ground_truth"]
+    if truth:
+        lines += ["", "## Against the demo ground truth", ""]
+        if report["random_weights"]:
+            lines += ["These figures are meaningless: the model has random weights.", ""]
+        lines += ["| threshold | precision | recall | strangers left unassigned |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"| {r['threshold']:.3f} | {_pct(r['precision'])} | {_pct(r['recall'])} "
+            f"| {_pct(r['correct_unassigned_rate'])} |"
+            for r in truth["per_threshold"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def analyze(
+    dsn: str, *, model_version: str, out: Path, sites: list[int] | None = None,
+    current_threshold: float = DEFAULT_ACCEPT_THRESHOLD, store: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Build, write and store the report; returns it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with connect(dsn) as conn:
+        report = build_report(conn, model_version=model_version, sites=sites, current_threshold=current_threshold)
+        if store:
+            row = conn.execute(STORE_SQL, (model_version, sites, json.dumps(report))).fetchone()
+            conn.commit()
+            report["report_id"] = row["id"] if row else None
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_markdown(report))
+    draw_histogram(report, out / "histogram.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-version", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json, histogram.png")
+    parser.add_argument("--site", type=int, action="append", dest="sites", help="site id (repeatable; default all)")
+    parser.add_argument("--current-threshold", type=float, default=DEFAULT_ACCEPT_THRESHOLD)
+    parser.add_argument("--no-store", action="store_true", help="do not store the report in Postgres")
+    parser.add_argument("--database-url", help="default: TRAILCAM_DATABASE_URL")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = analyze(
+        args.database_url or get_settings().database_dsn, model_version=args.model_version, out=args.out,
+        sites=sorted(set(args.sites)) if args.sites else None, current_threshold=args.current_threshold,
+        store=not args.no_store,
+    )  # fmt: skip
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
+    trusted = "trusted" if report["recommendation_trusted"] else "NOT trusted"
+    print(f"{report['detections']} detections; recommended threshold {report['recommended_threshold']:.3f} ({trusted})")
+    print(f"wrote {args.out / 'report.md'}, report.json, histogram.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Threshold analysis: files, rates equal to SQL counts, the picture, warnings, ground truth, the HTTP route."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+
+from batch.analyze import CURRENT_COLOR, RECOMMENDED_COLOR, analyze
+from serve_app.reid.scores import copy_scores, score_rows
+from tests import factories
+from tests.batch.conftest import Demo
+
+TRAINED = "resnet50-0123456789ab-224"
+
+
+def log_bimodal_scores(conn: psycopg.Connection[Any], model_version: str, *, seed: int = 3) -> None:
+    """Online-style score rows: profiled individuals score high on their own deer, strangers low."""
+    rng = np.random.default_rng(seed)
+    dets = conn.execute(
+        "SELECT d.id, c.site_id, d.decision, d.deer_id, g.deer_id AS truth FROM detections d"
+        " JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id"
+        " JOIN demo_ground_truth g ON g.detection_id = d.id ORDER BY d.id"
+    ).fetchall()
+    profiles: dict[int, list[int]] = {}
+    for r in conn.execute("SELECT id, site_id FROM deer ORDER BY id"):
+        profiles.setdefault(r["site_id"], []).append(r["id"])
+    rows = []
+    when = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    for det in dets:
+        deer = profiles[det["site_id"]]
+        sims = rng.normal(0.25, 0.05, len(deer))
+        if det["truth"] is not None and rng.random() < 0.8:
+            sims[deer.index(det["truth"])] = rng.normal(0.8, 0.05)
+        rows += score_rows(det["id"], deer_ids=deer, similarities=np.clip(sims, -1, 1), threshold=0.55,
+                           assigned_deer_id=None, model_version=model_version)  # fmt: skip
+    rows = [type(r)(**{**{f: getattr(r, f) for f in r.__slots__}, "computed_at": when}) for r in rows]
+    copy_scores(conn, rows)
+    # Manual decisions taken after those scores: labelled samples.
+    conn.execute("UPDATE detections SET reviewed_at = %s WHERE decision = 'manual'", (when + dt.timedelta(days=1),))
+
+
+def sql_rate(conn: psycopg.Connection[Any], model_version: str, t: float) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE similarity >= %s) AS a, count(*) AS n FROM reid_similarity_scores s"
+        " JOIN detections d ON d.id = s.detection_id WHERE s.rank = 1 AND s.model_version = %s"
+        " AND d.decision <> 'manual'",
+        (t, model_version),
+    ).fetchone()
+    return int(row["a"]), int(row["n"])
+
+
+def color_pixels(path: Path, hex_color: str) -> int:
+    target = np.array([int(hex_color[i : i + 2], 16) for i in (1, 3, 5)])
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    return int((np.abs(pixels - target).sum(axis=1) < 30).sum())
+
+
+def test_analyze_writes_three_files_with_rates_equal_to_sql_and_both_lines(
+    demo: Demo, fresh: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    log_bimodal_scores(fresh, TRAINED)
+    report = analyze(demo.dsn, model_version=TRAINED, out=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["histogram.png", "report.json", "report.md"]
+    assert json.loads((tmp_path / "report.json").read_text())["model_version"] == TRAINED
+    assert [r["threshold"] for r in report["assignment_rates"]] == [round(0.3 + 0.05 * i, 2) for i in range(13)]
+    for rate in report["assignment_rates"]:
+        assigned, total = sql_rate(fresh, TRAINED, rate["threshold"])
+        assert rate["assigned"] == assigned and rate["rate"] == pytest.approx(assigned / total, abs=1e-6)
+    assert report["recommendation_trusted"] and 0.35 < report["recommended_threshold"] < 0.7
+    assert not report["random_weights"] and report["warnings"] == []
+    # Bars, the current threshold line (red) and the recommended one (green) are all drawn.
+    png = tmp_path / "histogram.png"
+    assert color_pixels(png, "#4c72b0") > 500
+    assert color_pixels(png, CURRENT_COLOR) > 200 and color_pixels(png, RECOMMENDED_COLOR) > 200
+    truth = report["ground_truth"]["at_recommended"]
+    assert truth["precision"] > 0.9 and truth["correct_unassigned_rate"] > 0.9
+    best = report["labelled"]["f1_best"]
+    assert report["labelled"]["samples"] > 0 and best["f1"] > 0.5
+    text = (tmp_path / "report.md").read_text()
+    assert "Assignment rate per threshold" in text and "F1-best threshold" in text and "ground truth" in text
+
+
+def test_random_weights_and_unimodal_scores_are_called_meaningless(
+    demo: Demo, fresh: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    version = "resnet18-random-seed7-64"
+    rows = []
+    rng = np.random.default_rng(5)
+    for det in fresh.execute("SELECT id FROM detections WHERE decision <> 'manual'").fetchall():
+        rows += score_rows(det["id"], deer_ids=[1], similarities=np.array([rng.normal(0.9, 0.02)]), threshold=0.55,
+                           assigned_deer_id=None, model_version=version)  # fmt: skip
+    fresh.execute("INSERT INTO deer (id, site_id, name) SELECT 1, min(id), 'x' FROM sites ON CONFLICT DO NOTHING")
+    copy_scores(fresh, rows)
+    report = analyze(demo.dsn, model_version=version, out=tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert report["random_weights"] and "RANDOM weights" in text and "meaningless" in text
+    assert not report["recommendation_trusted"] and "Trust it: NO" in text
+    assert color_pixels(tmp_path / "histogram.png", CURRENT_COLOR) > 200
+
+
+@pytest.mark.slow
+def test_threshold_report_route_serves_the_latest_report_for_the_keys_sites(
+    demo: Demo, fresh: psycopg.Connection[Any], serve_url: str, tmp_path: Path
+) -> None:
+    log_bimodal_scores(fresh, TRAINED)
+    sites = [r["id"] for r in fresh.execute("SELECT id FROM sites ORDER BY id")]
+    analyze(demo.dsn, model_version=TRAINED, out=tmp_path / "all")
+    analyze(demo.dsn, model_version=TRAINED, out=tmp_path / "one", sites=[sites[0]])
+    all_key = factories.api_key(fresh)
+    one_key = factories.api_key(fresh, sites=[sites[0]])
+    other_key = factories.api_key(fresh, sites=[sites[1]])
+    with httpx.Client(base_url=serve_url, timeout=30) as client:
+        everything = client.get("/api/reid/threshold-report", headers={"Authorization": f"Bearer {all_key}"})
+        assert everything.status_code == 200 and everything.json()["site_ids"] is None
+        mine = client.get(f"/api/reid/threshold-report?model_version={TRAINED}",
+                          headers={"Authorization": f"Bearer {one_key}"})  # fmt: skip
+        assert mine.status_code == 200 and mine.json()["site_ids"] == [sites[0]]
+        assert mine.json()["assignment_rates"][0]["threshold"] == 0.3
+        hidden = client.get("/api/reid/threshold-report", headers={"Authorization": f"Bearer {other_key}"})
+        assert hidden.status_code == 404 and hidden.headers["content-type"].startswith("application/problem+json")
+        assert client.get("/api/reid/threshold-report").status_code == 401
