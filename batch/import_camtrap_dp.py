@@ -27,7 +27,7 @@ import psycopg
 from PIL import Image
 from psycopg.rows import dict_row
 
-from batch.camtrap_validation import PackageRejected, validate_package
+from batch.camtrap_validation import PackageRejected, SchemasMissing, validate_package
 from serve_app.config import get_settings
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,16 @@ def _id(conn: psycopg.Connection[dict[str, Any]], sql: str, params: tuple[Any, .
 
 
 def import_package(
-    dsn: str, folder: Path, *, media_root: Path, image_root: Path, site_name: str | None = None
+    dsn: str,
+    folder: Path,
+    *,
+    media_root: Path,
+    image_root: Path,
+    site_name: str | None = None,
+    schema_dir: Path | None = None,
 ) -> ImportSummary:
     """Validate and import a package folder in one transaction."""
-    descriptor = validate_package(folder)
+    descriptor = validate_package(folder, schema_dir=schema_dir)
     summary = ImportSummary()
     package_key = str(descriptor.get("id") or descriptor.get("name") or folder.name).replace("/", "_")
     target_dir = image_root.resolve() / IMPORT_DIR / package_key
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", help="site name (default: the package title)")
     parser.add_argument("--database-url", help="default: TRAILCAM_DATABASE_URL")
     parser.add_argument("--image-root", type=Path, help="default: TRAILCAM_IMAGE_ROOT")
+    parser.add_argument(
+        "--schema-dir", type=Path, help="the standard's table schemas; default TRAILCAM_CAMTRAP_SCHEMA_DIR"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = get_settings()
@@ -190,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             media_root=args.media_root,
             image_root=args.image_root or settings.image_root,
             site_name=args.site,
+            schema_dir=args.schema_dir,
         )
     except PackageRejected as exc:
         print(exc.report(), file=sys.stderr)
         return 1
+    except SchemasMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for key, value in asdict(summary).items():
         print(f"{key}: {value}")
     return 0

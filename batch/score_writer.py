@@ -20,7 +20,7 @@ from batch.results import Scored
 from batch.runs import PROGRESS_SQL
 from serve_app.reid.decision import Thresholds
 from serve_app.reid.gallery import STORE_EMBEDDINGS_SQL
-from serve_app.reid.scores import COLUMNS, COPY_TYPES
+from serve_app.reid.scores import COLUMNS, encode_binary
 
 _COLS = ", ".join(COLUMNS)
 STAGE_SQL = (
@@ -67,10 +67,9 @@ def write_block(
     rows = [row for r in ok for row in r.rows(thresholds=thresholds, model_version=model_version, run_id=run_id)]
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(STAGE_SQL)
-        with cur.copy(STAGE_COPY_SQL) as copy:
-            copy.set_types(COPY_TYPES)
-            for row in rows:
-                copy.write_row(row.as_tuple())
+        if rows:
+            with cur.copy(STAGE_COPY_SQL) as copy:
+                copy.write(encode_binary(rows))
         inserted = [r[0] for r in cur.execute(INSERT_SQL).fetchall()] if rows else []
         fresh = set(inserted)
         # A detection counts as done once; one whose rows were all present already was done before.

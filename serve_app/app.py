@@ -18,6 +18,7 @@ class IngressArgs(BaseModel):
 
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=256, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs reserved per ingress replica.")
 
 
 class AppArgs(BaseModel):
@@ -38,6 +39,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     ingress = ingress_deployment(parsed.settings).options(
         num_replicas=parsed.ingress.num_replicas,
         max_ongoing_requests=parsed.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": parsed.ingress.num_cpus},
     )
     # Binding ReID into the ingress makes it part of this application; routers reach it by name.
     return ingress.bind(reid_deployment(parsed.reid, parsed.settings))

@@ -8,7 +8,7 @@ import httpx
 from ray import serve
 
 from serve_app.app import build_app
-from tests.fixtures.ray_cluster import app_settings
+from tests.fixtures.ray_cluster import app_settings, small_app_args
 
 
 def test_healthz_and_readyz_answer_when_services_are_up(serve_url: str) -> None:
@@ -30,7 +30,7 @@ def test_readyz_names_postgres_when_it_is_down(
     from tests.fixtures.ray_cluster import free_port
 
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
-    args = {"settings": app_settings(dead, redis_url, tmp_path)}
+    args = small_app_args(app_settings(dead, redis_url, tmp_path))
     serve.run(build_app(args), name="pg-down", route_prefix="/pgdown", blocking=False)
     try:
         url = f"http://127.0.0.1:{serve_http_port}/pgdown/readyz"

@@ -16,7 +16,7 @@ from ray import serve
 
 from serve_app.app import build_app
 from tests import factories
-from tests.fixtures.ray_cluster import app_settings, wait_ready
+from tests.fixtures.ray_cluster import app_settings, small_app_args, wait_ready
 
 TODAY = dt.datetime.now(dt.UTC).date()
 SHARED = Path(__file__).resolve().parents[3] / ".." / "shared" / "camtrap-dp"
@@ -122,7 +122,7 @@ def tuned_app(
     def deploy(name: str, **overrides: Any) -> str:
         if name not in deployed:
             root = tmp_path_factory.mktemp(f"serve-{name}")
-            args = {"settings": app_settings(database_url, redis_url, root, **overrides)}
+            args = small_app_args(app_settings(database_url, redis_url, root, **overrides))
             serve.run(build_app(args), name=f"exports-{name}", route_prefix=f"/{name}", blocking=False)
             url = f"http://127.0.0.1:{serve_http_port}/{name}"
             wait_ready(url)
