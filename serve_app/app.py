@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from serve_app.ingress import ingress_deployment
+from serve_app.reid.deployment import ReIDArgs, reid_deployment
 
 
 class IngressArgs(BaseModel):
@@ -28,6 +29,7 @@ class AppArgs(BaseModel):
         default_factory=dict, description="Overrides for Settings (tests, config files); env TRAILCAM_* otherwise."
     )
     ingress: IngressArgs = Field(default_factory=IngressArgs)
+    reid: ReIDArgs = Field(default_factory=ReIDArgs, description="The ReID deployment (model, batching, scaling).")
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
@@ -37,4 +39,5 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         num_replicas=parsed.ingress.num_replicas,
         max_ongoing_requests=parsed.ingress.max_ongoing_requests,
     )
-    return ingress.bind()
+    # Binding ReID into the ingress makes it part of this application; routers reach it by name.
+    return ingress.bind(reid_deployment(parsed.reid, parsed.settings))

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     )
     key_cache_s: float = Field(default=5.0, ge=0, description="How long a verified API key is cached, seconds.")
     db_pool_max: int = Field(default=8, ge=1, description="Connections per process pool.")
+    score_database_url: PostgresDsn | None = Field(
+        default=None,
+        description="Where the ReID score log writes (its own connection); None means database_url.",
+    )
+    max_upload_bytes: int = Field(default=10_000_000, ge=1, description="Largest accepted image upload, bytes.")
+    max_image_bytes: int = Field(default=20_000_000, ge=1, description="Largest image file read by URI, bytes.")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="Largest decoded image, pixels (decompression-bomb guard)."
+    )
 
     @model_validator(mode="after")
     def _enforce_non_default_secrets(self) -> Settings:

@@ -10,7 +10,7 @@ from typing import Any, cast
 from fastapi import FastAPI
 from ray import serve
 
-from serve_app.api import exports, health
+from serve_app.api import exports, health, reid_routes
 from serve_app.api.problems import install_problem_handlers
 from serve_app.config import Settings
 from serve_app.resources import Resources
@@ -44,6 +44,7 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(exports.router)
+    app.include_router(reid_routes.router)
     return app
 
 
@@ -64,6 +65,10 @@ def ingress_deployment(settings_overrides: Mapping[str, Any] | None = None) -> s
     @serve.ingress(app_builder(settings_overrides))
     class Ingress:
         """Serves the FastAPI app; holds no state of its own."""
+
+        def __init__(self, *bound: Any) -> None:
+            # Bound deployments (ReID) belong to the application; routers look them up by name.
+            self.bound = bound
 
     # serve.deployment has already turned the class into a Deployment; mypy sees the class.
     return cast(serve.Deployment, Ingress)

@@ -1,0 +1,270 @@
+"""POST /api/detections (+ /batch): verify the image, authorize the camera, identify through the ReID deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ray import serve
+
+from serve_app.api.deps import PrincipalDep, ResourcesDep
+from serve_app.api.problems import Problem
+from serve_app.config import Settings
+from serve_app.errors import NotFound
+from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri, store_upload
+from serve_app.keys import Principal
+from serve_app.reid.identification import Identification, IdentifyRequest
+from serve_app.reid.preprocessing import BBox, crop
+from serve_app.resources import Resources
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["identification"])
+
+MAX_BATCH = 64
+REID_DEPLOYMENT = "ReID"
+IDENTIFY_TIMEOUT_S = 120.0
+
+
+class BBoxIn(BaseModel):
+    """Relative bounding box (0-1), origin top-left."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: float = Field(ge=0, le=1)
+    y: float = Field(ge=0, le=1)
+    w: float = Field(gt=0, le=1)
+    h: float = Field(gt=0, le=1)
+
+    def to_bbox(self) -> BBox:
+        """The domain bbox (also checks it lies inside the frame)."""
+        return BBox(self.x, self.y, self.w, self.h)
+
+
+class DetectionIn(BaseModel):
+    """A detection referring to an image under the image root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_uri: str = Field(min_length=1, max_length=1024)
+    camera_id: int = Field(gt=0)
+    captured_at: dt.datetime
+    bbox: BBoxIn
+    confidence: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("captured_at")
+    @classmethod
+    def _aware(cls, value: dt.datetime) -> dt.datetime:
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+class BatchIn(BaseModel):
+    """Up to 64 detections identified together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detections: list[DetectionIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+def reid_handle(request: Request) -> Any:
+    """The ReID deployment of this Serve application (looked up once per process)."""
+    handle = getattr(request.app.state, "reid_handle", None)
+    if handle is None:
+        try:
+            app_name = serve.get_replica_context().app_name
+            handle = serve.get_deployment_handle(REID_DEPLOYMENT, app_name=app_name)
+        except Exception as exc:
+            raise Problem(503, "model-unavailable", f"the ReID deployment is not reachable: {exc}") from exc
+        request.app.state.reid_handle = handle
+    return handle
+
+
+async def camera_site(resources: Resources, camera_id: int, principal: Principal) -> int:
+    """The camera's site, when the key may reach it (404 otherwise)."""
+    async with resources.pool.connection() as conn:
+        cur = await conn.execute("SELECT site_id FROM cameras WHERE id = %s", (camera_id,))
+        row: Any = await cur.fetchone()
+    if row is None or not principal.allows(int(row["site_id"])):
+        raise NotFound(f"camera {camera_id} not found")
+    return int(row["site_id"])
+
+
+def _prepare(data: bytes, *, bbox: BBox, settings: Settings) -> tuple[Any, int, int]:
+    image = decode_image(data, max_pixels=settings.max_image_pixels)
+    return crop(image, bbox), image.width, image.height
+
+
+def _load_uri(uri: str, settings: Settings) -> tuple[bytes, str]:
+    path, rel = resolve_image_uri(uri, root=Path(settings.image_root))
+    return read_limited(path, max_bytes=settings.max_image_bytes), rel
+
+
+def _reject(exc: ImageRejected, field: str) -> Problem:
+    return Problem(exc.status, exc.code, exc.detail, errors=[{"rule": exc.code, "field": field, "detail": exc.detail}])
+
+
+async def build_request(
+    item: DetectionIn,
+    *,
+    resources: Resources,
+    principal: Principal,
+    upload: bytes | None = None,
+) -> IdentifyRequest:
+    """Authorize, load and verify one detection's image and crop it (in a worker thread)."""
+    settings = resources.settings
+    try:
+        bbox = item.bbox.to_bbox()
+    except ValueError as exc:
+        raise Problem(
+            400, "validation-failed", str(exc), errors=[{"rule": "bbox", "field": "bbox", "detail": str(exc)}]
+        ) from exc
+    site_id = await camera_site(resources, item.camera_id, principal)
+    try:
+        if upload is None:
+            data, rel = await asyncio.to_thread(_load_uri, item.image_uri, settings)
+        else:
+            data, rel = upload, ""
+        image_crop, width, height = await asyncio.to_thread(_prepare, data, bbox=bbox, settings=settings)
+        if upload is not None:
+            fmt = "PNG" if data[:4] == b"\x89PNG" else "JPEG"
+            rel = await asyncio.to_thread(store_upload, data, root=Path(settings.image_root), image_format=fmt)
+    except ImageRejected as exc:
+        raise _reject(exc, "image" if upload is not None else "image_uri") from exc
+    return IdentifyRequest(
+        site_id=site_id,
+        camera_id=item.camera_id,
+        image_uri=rel,
+        captured_at=item.captured_at,
+        width=width,
+        height=height,
+        bbox=bbox,
+        crop=image_crop,
+        confidence=item.confidence,
+    )
+
+
+async def identify(request: Request, items: list[IdentifyRequest]) -> list[Identification]:
+    """Send each crop to the ReID deployment (it batches them) and wait for all answers."""
+    handle = reid_handle(request)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(handle.identify.remote(item) for item in items)), timeout=IDENTIFY_TIMEOUT_S
+        )
+    except Exception as exc:
+        logger.warning("identification failed: %r", exc)
+        raise Problem(503, "identification-unavailable", f"identification failed: {type(exc).__name__}") from exc
+    return list(results)
+
+
+async def _read_upload(request: Request, settings: Settings) -> tuple[DetectionIn, bytes]:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64_000:
+        raise Problem(413, "upload-too-large", f"upload exceeds {settings.max_upload_bytes} bytes")
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise Problem(
+            400,
+            "validation-failed",
+            "multipart field 'image' (a file) is required",
+            errors=[{"rule": "missing_field", "field": "image", "detail": "required"}],
+        )
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise Problem(413, "upload-too-large", f"upload exceeds {settings.max_upload_bytes} bytes")
+    try:
+        bbox = json.loads(str(form.get("bbox", "")))
+        item = DetectionIn(
+            image_uri="upload",
+            camera_id=form.get("camera_id"),
+            captured_at=form.get("captured_at"),
+            bbox=bbox,
+        )
+    except (ValueError, ValidationError) as exc:
+        errors = (
+            [
+                {"rule": "format", "field": ".".join(map(str, e["loc"])) or "body", "detail": e["msg"]}
+                for e in exc.errors()
+            ]
+            if isinstance(exc, ValidationError)
+            else [{"rule": "malformed_json", "field": "bbox", "detail": str(exc)}]
+        )
+        raise Problem(400, "validation-failed", "request failed validation", errors=errors) from exc
+    return item, data
+
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": DetectionIn.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "camera_id", "captured_at", "bbox"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "camera_id": {"type": "integer"},
+                        "captured_at": {"type": "string", "format": "date-time"},
+                        "bbox": {"type": "string", "description": 'JSON {"x":..,"y":..,"w":..,"h":..} relative 0-1'},
+                    },
+                }
+            },
+        },
+        "required": True,
+    }
+}
+
+
+@router.post("/api/detections", status_code=201, summary="Identify one detection", openapi_extra=_BODY_DOC)
+async def post_detection(request: Request, resources: ResourcesDep, principal: PrincipalDep) -> JSONResponse:
+    """JSON with an image_uri under the image root, or multipart with an image file; answers the identification."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        item, data = await _read_upload(request, resources.settings)
+        prepared = await build_request(item, resources=resources, principal=principal, upload=data)
+    else:
+        try:
+            item = DetectionIn.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _validation(exc) from exc
+        prepared = await build_request(item, resources=resources, principal=principal)
+    (result,) = await identify(request, [prepared])
+    return JSONResponse(result.as_json(), status_code=201)
+
+
+@router.post("/api/detections/batch", status_code=201, summary=f"Identify up to {MAX_BATCH} detections")
+async def post_batch(
+    request: Request, body: BatchIn, resources: ResourcesDep, principal: PrincipalDep
+) -> dict[str, list[dict[str, Any]]]:
+    """Every item is validated first; one failing item fails the request (no detection is stored)."""
+    prepared = []
+    for index, item in enumerate(body.detections):
+        try:
+            prepared.append(await build_request(item, resources=resources, principal=principal))
+        except Problem as exc:
+            exc.detail = f"detections[{index}]: {exc.detail}"
+            if exc.errors:
+                exc.errors = [{**e, "field": f"detections.{index}.{e['field']}"} for e in exc.errors]
+            raise
+        except NotFound as exc:
+            raise NotFound(f"detections[{index}]: {exc}") from exc
+    results = await identify(request, prepared)
+    return {"items": [r.as_json() for r in results]}
+
+
+def _validation(exc: ValidationError) -> Problem:
+    errors = [
+        {
+            "rule": "missing_field" if e["type"] == "missing" else "format",
+            "field": ".".join(map(str, e["loc"])) or "body",
+            "detail": e["msg"],
+        }
+        for e in exc.errors()
+    ]
+    return Problem(400, "validation-failed", "request failed validation", errors=errors)

@@ -1,0 +1,171 @@
+"""The embedding model: a torchvision backbone (or TorchScript file) giving L2-normalised vectors.
+
+Plain Python, importable by the online path and by batch jobs without a cluster::
+
+    embedder = Embedder(ModelSpec(architecture="resnet18", weights="random", input_size_px=112))
+    vectors = embedder.embed_crops([crop(image, bbox)])   # np.ndarray [N, D], float32, unit norm
+    embedder.model_version                                # "resnet18-random-seed7-112"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from serve_app.reid.preprocessing import to_batch
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "random"
+TORCHSCRIPT = "torchscript"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to run: architecture name, weights (``random`` or a local file), seed, input size, device."""
+
+    architecture: str = "resnet50"
+    weights: str = RANDOM_WEIGHTS
+    seed: int = 7
+    input_size_px: int = 224
+    device: str = "auto"
+
+
+def weights_digest(path: Path) -> str:
+    """The first 12 hex digits of the weights file's SHA-256 (part of the model version)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def model_version_for(spec: ModelSpec, *, digest: str | None = None) -> str:
+    """``<architecture>-<weights id>-<input px>``; random weights say ``random`` and their seed."""
+    weights_id = f"{RANDOM_WEIGHTS}-seed{spec.seed}" if spec.weights == RANDOM_WEIGHTS else (digest or "unknown")
+    return f"{spec.architecture}-{weights_id}-{spec.input_size_px}"
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, CPU otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _strip_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace the classification head by identity so the model returns its pooled features."""
+    for attr in ("fc", "classifier", "heads", "head"):
+        if hasattr(model, attr):
+            setattr(model, attr, torch.nn.Identity())
+            return model
+    raise ValueError(f"do not know the classification head of {type(model).__name__}")
+
+
+def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
+    if spec.architecture not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown torchvision architecture {spec.architecture!r}")
+    if spec.weights == RANDOM_WEIGHTS:
+        logger.warning(
+            "RANDOM WEIGHTS: %s is initialised from seed %d; its similarities carry no identity information "
+            "(tests and the offline demo only)",
+            spec.architecture,
+            spec.seed,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            return _strip_head(torchvision.models.get_model(spec.architecture, weights=None))
+    model = _strip_head(torchvision.models.get_model(spec.architecture, weights=None))
+    state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "heads.", "head."))}
+    missing, _ = model.load_state_dict(backbone, strict=False)
+    if missing:
+        raise ValueError(f"weights file {spec.weights} lacks {len(missing)} backbone tensors, e.g. {missing[0]}")
+    return model
+
+
+def load_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
+    """The model (eval mode, on CPU) and its version string."""
+    if spec.weights != RANDOM_WEIGHTS and not Path(spec.weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {spec.weights}")
+    digest = None if spec.weights == RANDOM_WEIGHTS else weights_digest(Path(spec.weights))
+    if spec.architecture == TORCHSCRIPT:
+        if spec.weights == RANDOM_WEIGHTS:
+            raise ValueError("a TorchScript model needs a weights file")
+        model: torch.nn.Module = torch.jit.load(spec.weights, map_location="cpu")  # type: ignore[no-untyped-call]
+    else:
+        model = _build_torchvision(spec)
+    return model.eval(), model_version_for(spec, digest=digest)
+
+
+class Embedder:
+    """Turns crops into L2-normalised embeddings with one model; safe to call from one thread at a time."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        model, self.model_version = load_model(spec)
+        if self.device.type == "cuda":
+            model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.model = model
+        self.embedding_dim = int(self.embed_tensor(self.dummy_batch(1)).shape[1])
+        logger.info("embedder %s ready on %s (dim %d)", self.model_version, self.device, self.embedding_dim)
+
+    @property
+    def input_size_px(self) -> int:
+        """Side of the square input in pixels."""
+        return self.spec.input_size_px
+
+    def dummy_batch(self, size: int) -> torch.Tensor:
+        """A ready input tensor of ``size`` blank crops (health checks, benchmarks)."""
+        return torch.zeros(size, 3, self.input_size_px, self.input_size_px)
+
+    def preprocess(self, crops: Sequence[Image.Image]) -> torch.Tensor:
+        """Crops -> normalized input tensor on CPU."""
+        return to_batch(crops, size_px=self.input_size_px)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Forward a ready input tensor; returns float32 unit vectors [N, D] on the host."""
+        if batch.shape[0] == 0:
+            return np.zeros((0, getattr(self, "embedding_dim", 0)), dtype=np.float32)
+        with torch.inference_mode(), self._autocast():
+            if self.device.type == "cuda":
+                batch = batch.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+            out = self.model(batch)
+            if isinstance(out, tuple | list):
+                out = out[0]
+            out = torch.nn.functional.normalize(out.float().flatten(1), dim=1)
+        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+
+    def embed_crops(self, crops: Sequence[Image.Image]) -> np.ndarray:
+        """Crops -> float32 unit vectors [N, D]."""
+        return self.embed_tensor(self.preprocess(crops))
+
+
+def embedding_to_bytes(vector: np.ndarray) -> bytes:
+    """The stored form of an embedding: little-endian float32."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def embedding_from_bytes(data: bytes) -> np.ndarray:
+    """Inverse of :func:`embedding_to_bytes`."""
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)

@@ -1,0 +1,174 @@
+"""An async bounded buffer that writes score rows with binary COPY by size or time, never blocking callers.
+
+Identification only calls :meth:`ScoreBuffer.add`, which never waits and never raises. A background task
+flushes; when Postgres is slow or down the rows stay buffered and are retried with backoff; rows beyond
+``max_buffered_rows`` are dropped and counted (``on_dropped``), never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from serve_app.reid.scores import ScoreRow, copy_scores_async
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 3
+RETRY_BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class BufferLimits:
+    """Flush when ``flush_rows`` are buffered or ``flush_interval_s`` passed; keep at most ``max_buffered_rows``."""
+
+    max_buffered_rows: int = 200_000
+    flush_rows: int = 5_000
+    flush_interval_s: float = 0.5
+    write_timeout_s: float = 10.0
+
+
+@dataclass
+class BufferStats:
+    """Counters since start (also exported as metrics by the deployment)."""
+
+    written: int = 0
+    dropped: int = 0
+    failed_flushes: int = 0
+    last_error: str | None = None
+
+
+class ScoreBuffer:
+    """Buffers ScoreRows and COPYs them on its own connection to ``dsn``."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        limits: BufferLimits | None = None,
+        on_written: Callable[[int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.limits = limits or BufferLimits()
+        self.stats = BufferStats()
+        self._rows: deque[ScoreRow] = deque()
+        self._on_written = on_written
+        self._on_dropped = on_dropped
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Rows waiting to be written."""
+        return len(self._rows)
+
+    def start(self) -> None:
+        """Start the flusher on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="score-buffer")
+
+    def add(self, rows: Sequence[ScoreRow]) -> int:
+        """Queue rows without waiting; returns how many were dropped because the buffer is full."""
+        room = max(0, self.limits.max_buffered_rows - len(self._rows))
+        accepted = rows[:room]
+        self._rows.extend(accepted)
+        dropped = len(rows) - len(accepted)
+        if dropped:
+            self._count_dropped(dropped, reason="buffer full")
+        if len(self._rows) >= self.limits.flush_rows:
+            self._wake.set()
+        return dropped
+
+    def _count_dropped(self, n: int, *, reason: str) -> None:
+        self.stats.dropped += n
+        logger.warning("dropped %d score rows (%s); %d dropped so far", n, reason, self.stats.dropped)
+        if self._on_dropped:
+            self._on_dropped(n)
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)
+        return self._conn
+
+    async def _discard_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=1.0)
+
+    async def _write(self, chunk: list[ScoreRow]) -> None:
+        conn = await self._connection()
+        async with conn.transaction():
+            await copy_scores_async(conn, chunk)
+
+    async def flush_once(self) -> int:
+        """Write up to ``flush_rows`` buffered rows; returns rows written (0 on failure, rows kept)."""
+        if not self._rows:
+            return 0
+        chunk = [self._rows[i] for i in range(min(len(self._rows), self.limits.flush_rows))]
+        try:
+            await asyncio.wait_for(self._write(chunk), timeout=self.limits.write_timeout_s)
+        except (psycopg.IntegrityError, psycopg.DataError) as exc:
+            # A row the database refuses (e.g. its detection was deleted) would block the queue forever.
+            for _ in chunk:
+                self._rows.popleft()
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._count_dropped(len(chunk), reason=f"refused by Postgres: {type(exc).__name__}")
+            return 0
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            self.stats.failed_flushes += 1
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            logger.warning("score flush of %d rows failed, will retry: %s", len(chunk), self.stats.last_error)
+            await self._discard_connection()
+            return 0
+        for _ in chunk:
+            self._rows.popleft()
+        self.stats.written += len(chunk)
+        if self._on_written:
+            self._on_written(len(chunk))
+        logger.debug("wrote %d score rows", len(chunk))
+        return len(chunk)
+
+    async def _run(self) -> None:
+        backoff_s = 0.0
+        while not self._closing:
+            if backoff_s:
+                await asyncio.sleep(backoff_s)
+            elif len(self._rows) < self.limits.flush_rows:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.limits.flush_interval_s)
+            self._wake.clear()
+            if not self._rows:
+                continue
+            written = await self.flush_once()
+            if written or not self._rows:
+                backoff_s = 0.0
+            else:
+                backoff_s = min(RETRY_BACKOFF_MAX_S, max(0.2, backoff_s * 2))
+
+    async def close(self, *, timeout_s: float = 5.0) -> None:
+        """Stop the flusher after a last attempt to write what is buffered; count what is left as dropped."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._rows and loop.time() < deadline:
+            if not await self.flush_once():
+                break
+        if self._rows:
+            self._count_dropped(len(self._rows), reason="shutdown with Postgres unreachable")
+            self._rows.clear()
+        await self._discard_connection()
