@@ -6,6 +6,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import psycopg
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -31,6 +33,14 @@ _TITLES = {
     429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
+}
+
+# Connection-level failures of a backing service: the caller may retry, so 503 rather than 500.
+# (psycopg_pool.PoolTimeout and a connection terminated by a restart are OperationalErrors.)
+_UNAVAILABLE: dict[type[Exception], str] = {
+    redis.exceptions.ConnectionError: "redis",
+    redis.exceptions.TimeoutError: "redis",
+    psycopg.OperationalError: "postgres",
 }
 
 # pydantic error types -> the stable rule code clients branch on.
@@ -172,6 +182,21 @@ def install_problem_handlers(app: FastAPI) -> None:
             instance=request.url.path,
             extra={"services": [exc.service]},
         )
+
+    async def _service_down(request: Request, exc: Exception) -> JSONResponse:
+        service = next(name for kind, name in _UNAVAILABLE.items() if isinstance(exc, kind))
+        logger.warning("%s unavailable on %s %s: %s", service, request.method, request.url.path, type(exc).__name__)
+        return problem_response(
+            503,
+            "service-unavailable",
+            f"{service} unavailable; retry later",
+            headers={"Retry-After": "5"},
+            instance=request.url.path,
+            extra={"services": [service]},
+        )
+
+    for kind in _UNAVAILABLE:
+        app.add_exception_handler(kind, _service_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
