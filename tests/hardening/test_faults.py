@@ -30,9 +30,9 @@ from serve_app.exports import scripts
 from tests import factories
 from tests.hardening.conftest import (
     Deployed,
-    auth,
     PersistentRedis,
     PgHandle,
+    auth,
     export_body,
     make_site,
     score_duplicates,
@@ -185,7 +185,7 @@ def test_postgres_restart_during_identifications_and_exports(
     pg = private_db.server
     app = deploy("fault-pg", database_url=pg.url, redis_url=private_redis.url, export_lease_s=1.0)
     site = make_site(private_db.conn, app.images, k=3)
-    uris = site.uris + [f"gallery/{site.id}-0.jpg"]
+    uris = [*site.uris, f"gallery/{site.id}-0.jpg"]
     key = site.headers()
     stop = threading.Event()
     responses: list[httpx.Response] = []
@@ -194,7 +194,9 @@ def test_postgres_restart_during_identifications_and_exports(
         assert warm.status_code == 201, warm.text
         blocker = psycopg.connect(pg.url)
         blocker.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")
-        ids = [client.post("/api/exports", json=export_body(f), headers=key).json()["id"] for f in ("csv", "camtrap-dp")]
+        ids = [
+            client.post("/api/exports", json=export_body(f), headers=key).json()["id"] for f in ("csv", "camtrap-dp")
+        ]
         wait_started(redis.Redis.from_url(private_redis.url, decode_responses=True), ids)
         blocker.rollback()
         futures = [pool.submit(_identify_loop, app.url, site, uris, stop, responses) for _ in range(2)]
