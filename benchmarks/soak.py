@@ -82,7 +82,8 @@ def prepare(
         for s in range(sites):
             sid = conn.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (f"soak-{s}",)).fetchone()["id"]
             cam = conn.execute(
-                "INSERT INTO cameras (site_id, name) VALUES (%s, 'cam') RETURNING id", (sid,)
+                "INSERT INTO cameras (site_id, name, latitude, longitude) VALUES (%s, 'cam', 45.1, -93.2) RETURNING id",
+                (sid,),
             ).fetchone()["id"]
             ids = []
             for d in range(deer):
@@ -191,8 +192,11 @@ def process_label(proc: psutil.Process) -> str:
     return Path(cmd.split()[0]).name if cmd else f"pid-{proc.pid}"
 
 
-def sample_memory(samples: dict[str, list[tuple[float, float]]], stop: threading.Event, started: float) -> None:
-    """RSS (MiB) of this driver and every process Ray started under it, every SAMPLE_EVERY_S."""
+def sample_memory(
+    samples: dict[int, list[tuple[float, float]]], labels: dict[int, str], stop: threading.Event, started: float
+) -> None:
+    """RSS (MiB) of this driver and every process Ray started under it (Serve replicas, workers,
+    raylet, GCS), every SAMPLE_EVERY_S; keyed by PID, labelled with the process's latest title."""
     me = psutil.Process()
     while not stop.is_set():
         now = time.monotonic() - started
@@ -201,7 +205,8 @@ def sample_memory(samples: dict[str, list[tuple[float, float]]], stop: threading
                 rss = proc.memory_info().rss / 2**20
             except psutil.Error:
                 continue
-            samples[f"{process_label(proc)} [{proc.pid}]"].append((now, rss))
+            samples[proc.pid].append((now, rss))
+            labels[proc.pid] = process_label(proc)
         stop.wait(SAMPLE_EVERY_S)
 
 
@@ -329,12 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         "num_cpus": 0.5,
         "torch_threads": 1,
     }
-    samples: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    pid_samples: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    labels: dict[int, str] = {}
     stats = Stats()
     with serve_app({"settings": settings, "reid": reid}) as url:
         stop = threading.Event()
         started = time.monotonic()
-        sampler = threading.Thread(target=sample_memory, args=(samples, stop, started), daemon=True)
+        sampler = threading.Thread(target=sample_memory, args=(pid_samples, labels, stop, started), daemon=True)
         sampler.start()
         deadline = started + args.duration_s
 
@@ -348,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         exports = asyncio.run(final_jobs(url, key, stats.jobs))
         written, expected, dupes = score_rows(str(settings["database_url"]), stats.answered)
 
+    samples = {f"{labels[pid]} [{pid}]": points for pid, points in pid_samples.items()}
     routes = {}
     requests = errors = 0
     for route, lat in stats.latencies_ms.items():
