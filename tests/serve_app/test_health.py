@@ -15,7 +15,7 @@ def test_healthz_and_readyz_answer_when_services_are_up(serve_url: str) -> None:
     assert httpx.get(serve_url + "/healthz").json() == {"status": "ok"}
     resp = httpx.get(serve_url + "/readyz")
     assert resp.status_code == 200
-    assert resp.json()["checks"] == {"redis": "ok", "postgres": "ok"}
+    assert resp.json()["checks"] == {"redis": "ok", "postgres": "ok", "model": "ok"}
 
 
 def test_openapi_docs_are_served(serve_url: str) -> None:
@@ -43,7 +43,7 @@ def test_readyz_names_postgres_when_it_is_down(
         assert resp.headers["content-type"].startswith("application/problem+json")
         body = resp.json()
         assert body["services"] == ["postgres"]
-        assert body["checks"] == {"redis": "ok", "postgres": "down"}
+        assert body["checks"] == {"redis": "ok", "postgres": "down", "model": "ok"}
         assert "postgres is down" in body["detail"]
     finally:
         serve.delete("pg-down")

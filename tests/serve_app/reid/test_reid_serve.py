@@ -177,7 +177,7 @@ def test_byte_identical_crop_is_auto_assigned_to_its_deer(env: Env, db: psycopg.
 
 
 def test_same_crop_twice_scores_its_first_assignment_above_0_999(env: Env, db: psycopg.Connection[Any]) -> None:
-    """A new crop is assigned (automatically, or by a reviewer); within 2 s the gallery has it, so the same crop matches it."""
+    """A new crop is assigned (automatically or by a reviewer); within 2 s the gallery holds it, so it matches again."""
     site = Site(db, env, k=2)
     uri = write_jpeg(env.root, f"new/{site.id}.jpg", seed=77)
     first = post(env, site, uri).json()

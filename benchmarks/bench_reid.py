@@ -1,0 +1,251 @@
+"""Online re-ID and score logging, side by side in one run.
+
+1. Identifications/s through Serve (batching, 32 concurrent clients, resnet50 at 224 px, requests carrying
+   image URIs) vs raw model forward passes on ready tensors at the same batch size (target >= 0.8).
+2. Score logging for 50 profiles: batched binary COPY vs row-by-row INSERT, ms per detection and rows/s
+   (target <= 0.5 ms per detection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import bench_settings, prepare_database, serve_app, write_results
+from serve_app.reid.embedder import Embedder, ModelSpec
+from serve_app.reid.scores import copy_scores, score_rows
+from serve_app.store.db import connect
+
+BATCH = 32
+CLIENTS = 32
+PROFILES = 50
+
+
+def synthetic_frames(root: Path, n: int) -> list[str]:
+    """1280x720 JPEGs (smooth noise) under the image root; reused between runs."""
+    rng = np.random.default_rng(7)
+    uris = []
+    for i in range(n):
+        rel = f"bench-reid/frame-{i:04d}.jpg"
+        path = root / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            small = rng.integers(0, 255, (45, 80, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((1280, 720), Image.Resampling.BILINEAR).save(path, quality=85)
+        uris.append(rel)
+    return uris
+
+
+def seed_site(dsn: str, uris: list[str], *, profiles: int) -> tuple[int, int]:
+    """A fresh site with a camera and ``profiles`` deer, each with one gallery detection; returns (site, camera)."""
+    with connect(dsn, autocommit=True) as conn:
+        name = f"bench-reid-{time.time_ns()}"
+        site = conn.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (name,)).fetchone()["id"]  # type: ignore[index]
+        cam = conn.execute("INSERT INTO cameras (site_id, name) VALUES (%s, 'cam') RETURNING id", (site,)).fetchone()[
+            "id"
+        ]  # type: ignore[index]
+        for i in range(profiles):
+            img = conn.execute(
+                "INSERT INTO images (camera_id, uri, captured_at, width, height) VALUES (%s, %s, now(), 1280, 720)"
+                " ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id",
+                (cam, uris[i % len(uris)]),
+            ).fetchone()["id"]  # type: ignore[index]
+            deer = conn.execute(
+                "INSERT INTO deer (site_id, name) VALUES (%s, %s) RETURNING id", (site, f"d{i}")
+            ).fetchone()["id"]  # type: ignore[index]
+            conn.execute(
+                "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h, deer_id, decision)"
+                " VALUES (%s, 0.3, 0.3, 0.3, 0.4, %s, 'manual')",
+                (img, deer),
+            )
+        return int(site), int(cam)
+
+
+async def drive(
+    url: str, key: str, bodies: list[dict[str, Any]], *, clients: int, duration_s: float
+) -> tuple[int, int]:
+    """``clients`` concurrent loops posting detections for ``duration_s``; returns (ok, failed)."""
+    ok = failed = 0
+    deadline = time.monotonic() + duration_s
+    async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
+
+        async def worker(offset: int) -> None:
+            nonlocal ok, failed
+            i = offset
+            while time.monotonic() < deadline:
+                resp = await client.post(url + "/api/detections", json=bodies[i % len(bodies)])
+                ok, failed = (ok + 1, failed) if resp.status_code == 201 else (ok, failed + 1)
+                i += clients
+
+        await asyncio.gather(*(worker(c) for c in range(clients)))
+    return ok, failed
+
+
+def serve_case(settings: dict[str, Any], key: str, uris: list[str], *, duration_s: float) -> tuple[float, int]:
+    _site, cam = seed_site(settings["database_url"], uris, profiles=10)
+    bodies = [
+        {
+            "image_uri": u,
+            "camera_id": cam,
+            "captured_at": "2024-05-01T06:30:00Z",
+            "bbox": {"x": 0.3, "y": 0.25, "w": 0.35, "h": 0.5},
+        }
+        for u in uris
+    ]
+    args = {
+        "settings": settings,
+        "reid": {
+            "max_batch_size": BATCH,
+            "max_ongoing_requests": 2 * BATCH,
+            "batch_wait_timeout_s": 0.1,
+            "num_replicas": 1,
+        },
+    }
+    with serve_app(args) as url:
+        asyncio.run(drive(url, key, bodies, clients=CLIENTS, duration_s=min(20.0, duration_s)))  # warm-up
+        start = time.monotonic()
+        ok, failed = asyncio.run(drive(url, key, bodies, clients=CLIENTS, duration_s=duration_s))
+        elapsed = time.monotonic() - start
+    return ok / elapsed, failed
+
+
+def raw_case(*, iterations: int) -> float:
+    embedder = Embedder(ModelSpec())
+    batch = embedder.dummy_batch(BATCH).normal_()
+    embedder.embed_tensor(batch)
+    start = time.monotonic()
+    for _ in range(iterations):
+        embedder.embed_tensor(batch)
+    return iterations * BATCH / (time.monotonic() - start)
+
+
+def score_case(dsn: str, uris: list[str], *, detections: int) -> list[dict[str, Any]]:
+    site, _cam = seed_site(dsn, uris, profiles=PROFILES)
+    with connect(dsn, autocommit=True) as conn:
+        deer = [r["id"] for r in conn.execute("SELECT id FROM deer WHERE site_id = %s ORDER BY id", (site,))]
+        img = conn.execute(
+            "SELECT d.image_id FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.site_id = %s LIMIT 1", (site,)
+        ).fetchone()["image_id"]  # type: ignore[index]
+        ids = [
+            r["id"]
+            for r in conn.execute(
+                "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h) SELECT %s, 0.1, 0.1, 0.2, 0.2"
+                " FROM generate_series(1, %s) RETURNING id",
+                (img, 2 * detections),
+            ).fetchall()
+        ]
+    rng = np.random.default_rng(1)
+
+    def rows_for(det: int) -> list[Any]:
+        return score_rows(
+            det,
+            deer_ids=deer,
+            similarities=rng.uniform(-0.2, 0.9, PROFILES).astype(np.float32),
+            threshold=0.55,
+            assigned_deer_id=None,
+            model_version="bench",
+        )
+
+    copy_rows = [r for d in ids[:detections] for r in rows_for(d)]
+    with connect(dsn) as conn:
+        start = time.monotonic()
+        for i in range(0, len(copy_rows), 5000):
+            copy_scores(conn, copy_rows[i : i + 5000])
+            conn.commit()
+        copy_s = time.monotonic() - start
+    insert_rows = [rows_for(d) for d in ids[detections:]]
+    with connect(dsn) as conn:
+        start = time.monotonic()
+        for det_rows in insert_rows:  # the old shape: one INSERT per score row, one commit per detection
+            for r in det_rows:
+                conn.execute(
+                    "INSERT INTO reid_similarity_scores (detection_id, deer_id, similarity, rank, threshold, matched,"
+                    " model_version, source, run_id, computed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    r.as_tuple(),
+                )
+            conn.commit()
+        insert_s = time.monotonic() - start
+    n_rows = detections * PROFILES
+    return [
+        {
+            "case": f"score log COPY ({PROFILES} profiles)",
+            "metric": "ms/det",
+            "value": 1000 * copy_s / detections,
+            "unit": "ms",
+            "target": "<= 0.5",
+        },
+        {
+            "case": f"score log COPY ({PROFILES} profiles)",
+            "metric": "rows/s",
+            "value": n_rows / copy_s,
+            "unit": "rows/s",
+            "target": None,
+        },
+        {
+            "case": f"score log row INSERT ({PROFILES} profiles)",
+            "metric": "ms/det",
+            "value": 1000 * insert_s / detections,
+            "unit": "ms",
+            "target": None,
+        },
+        {
+            "case": f"score log row INSERT ({PROFILES} profiles)",
+            "metric": "rows/s",
+            "value": n_rows / insert_s,
+            "unit": "rows/s",
+            "target": None,
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration-s", type=float, default=30.0, help="measured load per Serve case")
+    parser.add_argument("--raw-iterations", type=int, default=8)
+    parser.add_argument("--score-detections", type=int, default=400)
+    args = parser.parse_args(argv)
+    settings = bench_settings()
+    key = prepare_database(settings)
+    uris = synthetic_frames(Path(settings["image_root"]), 200)
+    started = dt.datetime.now(dt.UTC)
+    score_rows_out = score_case(settings["database_url"], uris, detections=args.score_detections)
+    serve_rate, failed = serve_case(settings, key, uris, duration_s=args.duration_s)
+    raw_rate = raw_case(iterations=args.raw_iterations)
+    rows: list[dict[str, Any]] = [
+        {
+            "case": f"Serve identify, batching, {CLIENTS} clients",
+            "metric": "ids/s",
+            "value": serve_rate,
+            "unit": "ids/s",
+            "target": None,
+        },
+        {
+            "case": f"raw resnet50@224 forward, batch {BATCH}",
+            "metric": "imgs/s",
+            "value": raw_rate,
+            "unit": "imgs/s",
+            "target": None,
+        },
+        {"case": "Serve / raw", "metric": "ratio", "value": serve_rate / raw_rate, "unit": "x", "target": ">= 0.8"},
+        {
+            "case": "Serve identify failures",
+            "metric": "errors",
+            "value": float(failed),
+            "unit": "responses",
+            "target": "0",
+        },
+    ]
+    rows += score_rows_out
+    write_results("reid", rows, meta={"started_at": started.isoformat(), "model": "resnet50-random-seed7-224"})
+
+
+if __name__ == "__main__":
+    main()
