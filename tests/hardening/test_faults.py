@@ -179,6 +179,7 @@ def wait_score_rows(conn: psycopg.Connection[Any], ids: list[int], expected: int
     return n
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_postgres_restart_during_identifications_and_exports(
     deploy: Callable[..., Deployed], private_db: PgHandle, private_redis: Any
@@ -241,6 +242,7 @@ def replica_pids(app_name: str, *, calls: int = 12) -> set[int]:
     return {int(handle.describe.remote().result(timeout_s=30)["pid"]) for _ in range(calls)}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_reid_replica_killed_under_load_is_replaced_without_duplicate_scores(
     deploy: Callable[..., Deployed], database_url: str, redis_url: str, db: psycopg.Connection[Any]
