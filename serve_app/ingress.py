@@ -12,7 +12,8 @@ from ray import serve
 
 from serve_app.api import exports, health, reid_routes
 from serve_app.api import reports as threshold_reports
-from serve_app.api.problems import install_problem_handlers
+from serve_app.api.deps import RequireBearer
+from serve_app.api.problems import COMMON_RESPONSES, install_problem_handlers
 from serve_app.config import Settings
 from serve_app.resources import Resources
 
@@ -39,10 +40,13 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
         finally:
             await resources.close()
 
-    app = FastAPI(title=API_TITLE, description=API_DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title=API_TITLE, description=API_DESCRIPTION, version="0.1.0", lifespan=lifespan, responses=COMMON_RESPONSES
+    )
     app.state.settings = settings
     app.state.readiness_checks = dict(health.READINESS_CHECKS)
     install_problem_handlers(app)
+    app.add_middleware(RequireBearer)
     app.include_router(health.router)
     app.include_router(threshold_reports.router)
     app.include_router(exports.router)

@@ -88,12 +88,17 @@ def revoke_key(conn: psycopg.Connection[Any], *, key: str, pepper: str) -> bool:
     return row is not None
 
 
+def digests_match(stored: str, presented: str) -> bool:
+    """Compare two key digests in constant time (no early exit on the first differing byte)."""
+    return hmac.compare_digest(stored.encode(), presented.encode())
+
+
 def principal_from_row(row: dict[str, Any]) -> Principal:
     """A Principal from an api_keys row."""
     return Principal(key_id=int(row["id"]), all_sites=bool(row["all_sites"]), site_ids=frozenset(row["site_ids"] or ()))
 
 
-LOOKUP_SQL = "SELECT id, all_sites, site_ids FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
+LOOKUP_SQL = "SELECT id, key_hash, all_sites, site_ids FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,11 @@ from typing import Annotated
 import psycopg
 from fastapi import Depends, Request
 from psycopg.rows import dict_row
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serve_app.api.problems import problem_response
 from serve_app.errors import InvalidKey, ServiceUnavailable
-from serve_app.keys import LOOKUP_SQL, Principal, hash_key, principal_from_row
+from serve_app.keys import LOOKUP_SQL, Principal, digests_match, hash_key, principal_from_row
 from serve_app.resources import Resources
 
 _KEY_CACHE_MAX = 10_000
@@ -43,7 +45,7 @@ async def require_principal(request: Request, resources: Annotated[Resources, De
             row = await (await cur.execute(LOOKUP_SQL, (digest,))).fetchone()
     except (psycopg.Error, TimeoutError) as exc:
         raise ServiceUnavailable("postgres", "cannot verify the API key") from exc
-    if row is None:
+    if row is None or not digests_match(str(row["key_hash"]), digest):
         resources.key_cache.pop(digest, None)
         raise InvalidKey("invalid or revoked API key")
     principal = principal_from_row(row)
@@ -55,3 +57,28 @@ async def require_principal(request: Request, resources: Annotated[Resources, De
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+
+
+class RequireBearer:
+    """ASGI middleware: /api requests without ``Authorization: Bearer`` get 401 before any parsing,
+    so an anonymous caller learns nothing from validation errors. The key itself is checked later."""
+
+    def __init__(self, app: ASGIApp, *, prefix: str = "/api/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                response = problem_response(
+                    401,
+                    "unauthorized",
+                    "missing API key: send 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                    instance=scope["path"],
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

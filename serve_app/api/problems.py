@@ -6,6 +6,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import psycopg
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -33,6 +35,14 @@ _TITLES = {
     503: "Service Unavailable",
 }
 
+# Connection-level failures of a backing service: the caller may retry, so 503 rather than 500.
+# (psycopg_pool.PoolTimeout and a connection terminated by a restart are OperationalErrors.)
+_UNAVAILABLE: dict[type[Exception], str] = {
+    redis.exceptions.ConnectionError: "redis",
+    redis.exceptions.TimeoutError: "redis",
+    psycopg.OperationalError: "postgres",
+}
+
 # pydantic error types -> the stable rule code clients branch on.
 _PYDANTIC_RULES = {
     "missing": "missing_field",
@@ -40,6 +50,48 @@ _PYDANTIC_RULES = {
     "literal_error": "invalid_value",
     "enum": "invalid_value",
     "json_invalid": "malformed_json",
+}
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["rule", "field", "detail"],
+                "properties": {"rule": {"type": "string"}, "field": {"type": "string"}, "detail": {"type": "string"}},
+            },
+        },
+        "services": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def problem_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry whose body is problem+json."""
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}}}
+
+
+# The errors any route may answer, documented once for the whole app (routes add their own codes).
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: problem_doc("the request failed validation; every failure is listed in errors[]"),
+    401: problem_doc("missing, unknown or revoked API key"),
+    404: problem_doc("not found, or not visible to this key"),
+    409: problem_doc("the resource's state does not allow this change"),
+    413: problem_doc("the body is too large"),
+    # Also replaces FastAPI's default 422 (HTTPValidationError), which this app never sends: see 400.
+    422: problem_doc("well-formed, but refers to something that cannot be used (e.g. an image that is not there)"),
+    503: problem_doc("a backing service (Redis, Postgres, the model) does not answer; retry later"),
 }
 
 
@@ -171,6 +223,34 @@ def install_problem_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
             instance=request.url.path,
             extra={"services": [exc.service]},
+        )
+
+    async def _service_down(request: Request, exc: Exception) -> JSONResponse:
+        service = next(name for kind, name in _UNAVAILABLE.items() if isinstance(exc, kind))
+        logger.warning("%s unavailable on %s %s: %s", service, request.method, request.url.path, type(exc).__name__)
+        return problem_response(
+            503,
+            "service-unavailable",
+            f"{service} unavailable; retry later",
+            headers={"Retry-After": "5"},
+            instance=request.url.path,
+            extra={"services": [service]},
+        )
+
+    for kind in _UNAVAILABLE:
+        app.add_exception_handler(kind, _service_down)
+
+    @app.exception_handler(psycopg.DataError)
+    async def _out_of_range(request: Request, exc: psycopg.DataError) -> JSONResponse:
+        # A value the schema let through but Postgres cannot hold (an id or offset beyond bigint).
+        logger.info("rejected out-of-range value on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        errors = [{"rule": "out_of_range", "field": "request", "detail": "a value is out of the supported range"}]
+        return problem_response(
+            400,
+            "validation-failed",
+            "request failed validation: out_of_range",
+            errors=errors,
+            instance=request.url.path,
         )
 
     @app.exception_handler(Exception)

@@ -1,0 +1,414 @@
+"""Soak: `make soak` drives mixed load on 127.0.0.1 for 10 minutes (``--duration-s``) and reports error
+rate, p99 per route, each process's memory over time with a trend verdict, and score rows written vs
+expected. Writes benchmarks/results/soak.json and soak.md.
+
+Load (closed loop, ``--clients`` workers): identifications by image URI, export status polls, new
+exports, review queue reads and assignments, deer listings. Every loop is bounded by the deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import random
+import statistics
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from benchmarks.common import RESULTS, ROOT, bench_settings, serve_app, write_results
+from serve_app.keys import create_key
+from serve_app.store.db import connect, with_database
+from serve_app.store.migrate import apply_migrations
+
+SOAK_DB = "trailcam_soak"
+SOAK_REDIS_DB = 13
+BBOX = {"x": 0.2, "y": 0.2, "w": 0.5, "h": 0.6}
+# Weighted mix of actions per loop iteration.
+MIX = {"identify": 50, "status": 25, "review": 10, "deer": 10, "export": 5}
+SAMPLE_EVERY_S = 5.0
+FLAT_GROWTH_FRACTION = 0.05  # growth over the second half below 5% of the mean RSS (or 16 MiB) is flat
+FLAT_GROWTH_MIB = 16.0
+
+
+@dataclass
+class Site:
+    id: int
+    camera: int
+    deer: list[int]
+    queries: list[str]
+
+
+@dataclass
+class Stats:
+    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    statuses: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    transport_errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    answered: list[tuple[int, int]] = field(default_factory=list)  # (detection_id, profiles at its site)
+    jobs: list[str] = field(default_factory=list)
+
+
+def write_jpeg(root: Path, rel: str, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path, quality=90)
+    return rel
+
+
+def prepare(
+    settings: dict[str, Any], *, sites: int, deer: int, queries: int, review_items: int = 500
+) -> tuple[str, list[Site]]:
+    """A fresh soak database with sites, galleries and query images on disk; returns an all-sites key."""
+    dsn = str(settings["database_url"])
+    apply_migrations(dsn)
+    images = Path(settings["image_root"])
+    out = []
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "TRUNCATE reid_similarity_scores, review_events, detections, images, deer, cameras, sites, api_keys"
+            " RESTART IDENTITY CASCADE"
+        )
+        for s in range(sites):
+            sid = conn.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (f"soak-{s}",)).fetchone()["id"]
+            cam = conn.execute(
+                "INSERT INTO cameras (site_id, name, latitude, longitude) VALUES (%s, 'cam', 45.1, -93.2) RETURNING id",
+                (sid,),
+            ).fetchone()["id"]
+            ids = []
+            for d in range(deer):
+                uri = write_jpeg(images, f"soak/gallery/{sid}-{d}.jpg", seed=10_000 * sid + d)
+                img = conn.execute(
+                    "INSERT INTO images (camera_id, uri, captured_at, width, height) VALUES (%s, %s, now(), 320, 240)"
+                    " RETURNING id",
+                    (cam, uri),
+                ).fetchone()["id"]
+                did = conn.execute(
+                    "INSERT INTO deer (site_id, name) VALUES (%s, %s) RETURNING id", (sid, f"soak-{sid}-{d}")
+                ).fetchone()["id"]
+                conn.execute(
+                    "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h, deer_id, decision)"
+                    " VALUES (%s, 0.2, 0.2, 0.5, 0.6, %s, 'manual')",
+                    (img, did),
+                )
+                ids.append(int(did))
+            uris = [
+                write_jpeg(images, f"soak/query/{sid}-{q}.jpg", seed=99_000 + 1000 * sid + q) for q in range(queries)
+            ]
+            review_uri = write_jpeg(images, f"soak/review/{sid}.jpg", seed=77_000 + sid)
+            conn.execute(  # a review queue the load works through
+                "WITH img AS (INSERT INTO images (camera_id, uri, captured_at, width, height)"
+                " VALUES (%s, %s, now(), 320, 240) RETURNING id)"
+                " INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h, decision, top1_similarity)"
+                " SELECT id, 0.2, 0.2, 0.5, 0.6, 'review', 0.5 FROM img, generate_series(1, %s)",
+                (cam, review_uri, review_items),
+            )
+            out.append(Site(int(sid), int(cam), ids, uris))
+        key = create_key(conn, sites=None, pepper="change-me", label="soak")
+    return key, out
+
+
+async def timed(client: httpx.AsyncClient, stats: Stats, route: str, method: str, url: str, **kw: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        resp = await client.request(method, url, **kw)
+    except httpx.HTTPError:
+        stats.transport_errors[route] += 1
+        return None
+    stats.latencies_ms[route].append((time.perf_counter() - start) * 1000)
+    stats.statuses[route][resp.status_code] += 1
+    return resp
+
+
+async def worker(url: str, key: str, sites: list[Site], stats: Stats, deadline: float, seed: int) -> None:
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {key}"}
+    actions, weights = zip(*MIX.items(), strict=True)
+    today = dt.datetime.now(dt.UTC).date()
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+        while time.monotonic() < deadline:
+            action = rng.choices(actions, weights)[0]
+            site = rng.choice(sites)
+            if action == "identify":
+                body = {
+                    "image_uri": rng.choice(site.queries),
+                    "camera_id": site.camera,
+                    "captured_at": dt.datetime.now(dt.UTC).isoformat(),
+                    "bbox": BBOX,
+                }
+                resp = await timed(client, stats, "POST /api/detections", "POST", "/api/detections", json=body)
+                if resp is not None and resp.status_code == 201:
+                    stats.answered.append((int(resp.json()["detection_id"]), len(site.deer)))
+            elif action == "status" and stats.jobs:
+                await timed(client, stats, "GET /api/exports/{id}", "GET", f"/api/exports/{rng.choice(stats.jobs)}")
+            elif action == "export" or action == "status":
+                body = {
+                    "start_date": (today - dt.timedelta(days=30)).isoformat(),
+                    "end_date": today.isoformat(),
+                    "group_by": rng.choice(["day", "week", "month"]),
+                    "format": rng.choice(["csv", "parquet", "json", "camtrap-dp"]),
+                }
+                resp = await timed(client, stats, "POST /api/exports", "POST", "/api/exports", json=body)
+                if resp is not None and resp.status_code == 202:
+                    stats.jobs.append(resp.json()["id"])
+            elif action == "review":
+                resp = await timed(client, stats, "GET /api/review", "GET", "/api/review", params={"limit": 20})
+                items = resp.json()["items"] if resp is not None and resp.status_code == 200 else []
+                if items:
+                    item = rng.choice(items)
+                    choice = {"deer_id": rng.choice(site.deer)} if item["site_id"] == site.id else {"unassign": True}
+                    await timed(
+                        client,
+                        stats,
+                        "POST /api/detections/{id}/assignment",
+                        "POST",
+                        f"/api/detections/{item['detection_id']}/assignment",
+                        json={**choice, "note": "soak"},
+                    )
+            else:
+                await timed(client, stats, "GET /api/deer", "GET", "/api/deer", params={"site_id": site.id})
+
+
+def process_label(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return f"pid-{proc.pid}"
+    if cmd.startswith("ray::"):
+        return cmd.split()[0]
+    for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "haproxy"):
+        if name in cmd:
+            return name
+    return Path(cmd.split()[0]).name if cmd else f"pid-{proc.pid}"
+
+
+def sample_memory(
+    samples: dict[int, list[tuple[float, float]]], labels: dict[int, str], stop: threading.Event, started: float
+) -> None:
+    """RSS (MiB) of this driver and every process Ray started under it (Serve replicas, workers,
+    raylet, GCS), every SAMPLE_EVERY_S; keyed by PID, labelled with the process's latest title."""
+    me = psutil.Process()
+    while not stop.is_set():
+        now = time.monotonic() - started
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                rss = proc.memory_info().rss / 2**20
+            except psutil.Error:
+                continue
+            samples[proc.pid].append((now, rss))
+            labels[proc.pid] = process_label(proc)
+        stop.wait(SAMPLE_EVERY_S)
+
+
+def trend(points: list[tuple[float, float]]) -> dict[str, Any]:
+    """Least-squares slope over the second half, projected growth over that half, and a verdict."""
+    half = points[len(points) // 2 :]
+    if len(half) < 3:
+        return {"verdict": "too few samples", "slope_mib_per_min": 0.0, "growth_mib": 0.0}
+    xs = np.array([p[0] for p in half])
+    ys = np.array([p[1] for p in half])
+    slope_per_s = float(np.polyfit(xs, ys, 1)[0])
+    growth = slope_per_s * float(xs[-1] - xs[0])
+    limit = max(FLAT_GROWTH_MIB, FLAT_GROWTH_FRACTION * float(ys.mean()))
+    return {
+        "slope_mib_per_min": round(slope_per_s * 60, 3),
+        "growth_mib": round(growth, 1),
+        "first_mib": round(points[0][1], 1),
+        "last_mib": round(points[-1][1], 1),
+        "max_mib": round(max(p[1] for p in points), 1),
+        "verdict": "upward trend" if growth > limit else "flat",
+    }
+
+
+def score_rows(dsn: str, answered: list[tuple[int, int]], *, wait_s: float = 60) -> tuple[int, int, int]:
+    """(rows written, rows expected, duplicated pairs) for the answered identifications, after flushes land."""
+    ids = [a[0] for a in answered]
+    expected = sum(a[1] for a in answered)
+    deadline = time.monotonic() + wait_s
+    written = 0
+    with connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            written = int(
+                conn.execute(
+                    "SELECT count(*) AS n FROM reid_similarity_scores WHERE detection_id = ANY(%s)", (ids,)
+                ).fetchone()["n"]
+            )
+            if written >= expected:
+                break
+            time.sleep(1.0)
+        dupes = int(
+            conn.execute(
+                "SELECT count(*) AS n FROM (SELECT 1 FROM reid_similarity_scores GROUP BY detection_id, deer_id,"
+                " model_version, source HAVING count(*) > 1) d"
+            ).fetchone()["n"]
+        )
+    return written, expected, dupes
+
+
+async def final_jobs(url: str, key: str, jobs: list[str], *, wait_s: float = 120) -> dict[str, int]:
+    """Every export created ends completed or failed; counts by final status ("stuck" must be 0)."""
+    counts: dict[str, int] = defaultdict(int)
+    deadline = time.monotonic() + wait_s
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for job in jobs:
+            status = "stuck"
+            while time.monotonic() < deadline:
+                resp = await client.get(f"/api/exports/{job}")
+                status = resp.json()["status"] if resp.status_code == 200 else f"http {resp.status_code}"
+                if status != "processing":
+                    break
+                await asyncio.sleep(0.5)
+            counts["stuck" if status == "processing" else status] += 1
+    return dict(counts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Soak: {report['duration_s']:.0f} s of mixed load, {report['clients']} clients",
+        "",
+        f"- requests: {report['requests']}, errors (5xx or transport): {report['errors']} ({report['error_rate']:.4%})",
+        f"- score rows written / expected: {report['score_rows']['written']} / {report['score_rows']['expected']}"
+        f" (lost {report['score_rows']['lost']}, duplicated pairs {report['score_rows']['duplicates']})",
+        f"- exports by final status: {report['exports']}",
+        f"- memory verdict: {report['memory_verdict']}",
+        "",
+        "| route | requests | p50 ms | p99 ms | statuses |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for route, r in sorted(report["routes"].items()):
+        lines.append(f"| {route} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses']} |")
+    lines += [
+        "",
+        "| process | first MiB | last MiB | max MiB | slope MiB/min (2nd half) | verdict |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, t in sorted(report["memory"].items()):
+        lines.append(
+            f"| {name} | {t.get('first_mib', 0)} | {t.get('last_mib', 0)} | {t.get('max_mib', 0)} |"
+            f" {t['slope_mib_per_min']} | {t['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=600.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--deer", type=int, default=10, help="profiles per site")
+    parser.add_argument("--queries", type=int, default=40, help="distinct query images per site")
+    parser.add_argument("--architecture", default="resnet18")
+    parser.add_argument("--input-size-px", type=int, default=112)
+    args = parser.parse_args(argv)
+
+    base = bench_settings()
+    settings = {
+        **base,
+        "database_url": with_database(str(base["database_url"]), SOAK_DB),
+        "redis_url": str(base["redis_url"]).rsplit("/", 1)[0] + f"/{SOAK_REDIS_DB}",
+        "data_dir": str(ROOT / ".data" / "soak"),
+        "image_root": str(ROOT / ".data" / "soak" / "images"),
+        "export_dir": str(ROOT / ".data" / "soak" / "exports"),
+        "export_status_ttl_s": 3600,
+        "export_task_num_cpus": 0.25,
+    }
+    key, sites = prepare(settings, sites=args.sites, deer=args.deer, queries=args.queries)
+    reid = {
+        "architecture": args.architecture,
+        "input_size_px": args.input_size_px,
+        "num_replicas": 1,
+        "num_cpus": 0.5,
+        "torch_threads": 1,
+    }
+    pid_samples: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    labels: dict[int, str] = {}
+    stats = Stats()
+    with serve_app({"settings": settings, "reid": reid}) as url:
+        stop = threading.Event()
+        started = time.monotonic()
+        sampler = threading.Thread(target=sample_memory, args=(pid_samples, labels, stop, started), daemon=True)
+        sampler.start()
+        deadline = started + args.duration_s
+
+        async def drive() -> None:
+            await asyncio.gather(*(worker(url, key, sites, stats, deadline, seed=i) for i in range(args.clients)))
+
+        asyncio.run(drive())
+        elapsed = time.monotonic() - started
+        stop.set()
+        sampler.join()
+        exports = asyncio.run(final_jobs(url, key, stats.jobs))
+        written, expected, dupes = score_rows(str(settings["database_url"]), stats.answered)
+
+    samples = {f"{labels[pid]} [{pid}]": points for pid, points in pid_samples.items()}
+    routes = {}
+    requests = errors = 0
+    for route, lat in stats.latencies_ms.items():
+        codes = dict(sorted(stats.statuses[route].items()))
+        n = sum(codes.values()) + stats.transport_errors[route]
+        bad = sum(c for s, c in codes.items() if s >= 500) + stats.transport_errors[route]
+        requests += n
+        errors += bad
+        routes[route] = {
+            "requests": n,
+            "p50_ms": round(statistics.median(lat), 2) if lat else 0.0,
+            "p99_ms": round(percentile(lat, 99), 2),
+            "errors": bad,
+            "statuses": codes,
+        }
+    memory = {name: trend(points) for name, points in samples.items() if len(points) >= 2}
+    rising = sorted(n for n, t in memory.items() if t["verdict"] == "upward trend")
+    report = {
+        "duration_s": elapsed,
+        "clients": args.clients,
+        "requests": requests,
+        "errors": errors,
+        "error_rate": errors / requests if requests else 0.0,
+        "routes": routes,
+        "score_rows": {"written": written, "expected": expected, "lost": expected - written, "duplicates": dupes},
+        "exports": exports,
+        "memory": memory,
+        "memory_samples": {n: [[round(t, 1), round(m, 1)] for t, m in p] for n, p in samples.items()},
+        "memory_verdict": f"upward trend in {', '.join(rising)}" if rising else "no upward trend",
+    }
+    rows: list[dict[str, Any]] = [
+        {"case": "soak", "metric": "error_rate", "value": report["error_rate"], "unit": "ratio", "target": "0"},
+        {"case": "soak", "metric": "rows_lost", "value": float(expected - written), "unit": "rows", "target": "0"},
+        {"case": "soak", "metric": "rows_dup", "value": float(dupes), "unit": "pairs", "target": "0"},
+        {
+            "case": "soak",
+            "metric": "exports_stuck",
+            "value": float(exports.get("stuck", 0)),
+            "unit": "jobs",
+            "target": "0",
+        },
+        {"case": "soak", "metric": "rising_rss", "value": float(len(rising)), "unit": "processes", "target": "0"},
+    ]
+    for route, r in routes.items():
+        rows.append({"case": route, "metric": "p99", "value": r["p99_ms"], "unit": "ms", "target": None})
+        rows.append({"case": route, "metric": "requests", "value": float(r["requests"]), "unit": "req", "target": None})
+    write_results("soak", rows, meta={k: v for k, v in report.items() if k != "memory_samples"})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "soak-report.json").write_text(json.dumps(report, indent=2, default=str))
+    (RESULTS / "soak.md").write_text(markdown(report))
+    print(markdown(report))
+    ok = errors == 0 and expected == written and dupes == 0 and not rising and not exports.get("stuck")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
