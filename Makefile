@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install run down test lint bench services monitoring clean
+.PHONY: help install run down test lint bench fuzz soak services monitoring clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,14 @@ bench: $(STAMP) ## Side-by-side benchmarks; prints one table, JSON under benchma
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@$(PY) cluster/local/services.py ensure
 	$(PY) -m benchmarks.run
+
+fuzz: $(STAMP) ## schemathesis against the live app, 500 examples per operation (25 in make test)
+	@$(PY) cluster/local/services.py ensure
+	TRAILCAM_FUZZ_EXAMPLES=$${TRAILCAM_FUZZ_EXAMPLES:-500} $(VENV)/bin/pytest tests/hardening/test_fuzz.py -q
+
+soak: $(STAMP) ## 10 minutes of mixed load on 127.0.0.1 (not in CI); report in benchmarks/results/soak.md
+	@$(PY) cluster/local/services.py ensure
+	$(PY) -m benchmarks.soak --duration-s $${SOAK_S:-600}
 
 monitoring: $(STAMP) ## Prometheus (+ Grafana when installed) against the local head; stopped by `make down`
 	@bash cluster/monitoring/start.sh
