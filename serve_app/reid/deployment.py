@@ -124,6 +124,7 @@ class ReIDDeployment:
                 top_k=self.args.top_k,
                 max_image_bytes=self.settings.max_image_bytes,
                 max_image_pixels=self.settings.max_image_pixels,
+                inline_scores=self.settings.score_database_url is None,
             ),
             thresholds=self.args.user_config.thresholds(),
             on_identified=metrics.record_identification,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -36,7 +37,7 @@ from serve_app.reid.gallery import (
 from serve_app.reid.identification import Candidate, Identification, IdentifyRequest
 from serve_app.reid.preprocessing import crop
 from serve_app.reid.score_buffer import ScoreBuffer
-from serve_app.reid.scores import score_rows
+from serve_app.reid.scores import ScoreRow, copy_scores_async, score_rows
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class IdentifierOptions:
     top_k: int = 5
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
+    # Score rows go into the detections' own transaction when the log lives in the same database:
+    # a replica killed after answering then cannot take unwritten rows with it. The buffer stays the
+    # path for a separate score database and for a write that fails (rows retried, never lost silently).
+    inline_scores: bool = True
 
 
 class Identifier:
@@ -178,29 +183,42 @@ class Identifier:
                 for i in order[: self.options.top_k]
             ]
             results.append(Identification(0, version, decision, deer_id, top1, candidates))
-        ids = await self._store(requests, vectors, results)
-        self.identified += len(results)
-        for result, det_id, row_sims, req in zip(results, ids, sims, requests, strict=True):
-            result.detection_id = det_id
-            gallery = galleries[req.site_id]
-            self.scores.add(
-                score_rows(
+
+        def rows_for(ids: Sequence[int]) -> list[ScoreRow]:
+            return [
+                row
+                for result, det_id, row_sims, req in zip(results, ids, sims, requests, strict=True)
+                for row in score_rows(
                     det_id,
-                    deer_ids=gallery.deer_ids,
+                    deer_ids=galleries[req.site_id].deer_ids,
                     similarities=row_sims,
                     threshold=thresholds.accept,
                     assigned_deer_id=result.deer_id,
                     model_version=version,
                 )
-            )
+            ]
+
+        ids, pending = await self._store(requests, vectors, results, rows_for)
+        if pending:
+            self.scores.add(pending)
+        self.identified += len(results)
+        for result, det_id in zip(results, ids, strict=True):
+            result.detection_id = det_id
             if self._on_identified:
                 self._on_identified(result.decision, result.top1_similarity)
         return results
 
     async def _store(
-        self, requests: Sequence[IdentifyRequest], vectors: np.ndarray, results: Sequence[Identification]
-    ) -> list[int]:
-        """Insert images (once per URI) and detections in one transaction; returns detection ids in order."""
+        self,
+        requests: Sequence[IdentifyRequest],
+        vectors: np.ndarray,
+        results: Sequence[Identification],
+        rows_for: Callable[[Sequence[int]], list[ScoreRow]],
+    ) -> tuple[list[int], list[ScoreRow]]:
+        """Insert images (once per URI), detections and (inline) their score rows in one transaction.
+
+        Returns the detection ids in order and the score rows still to be written through the buffer.
+        """
         first: dict[str, IdentifyRequest] = {}
         for r in requests:
             first.setdefault(r.image_uri, r)
@@ -237,4 +255,14 @@ class Identifier:
                     [res.model_version for res in results],
                 ),
             )
-        return ids
+            rows = rows_for(ids)
+            if not self.options.inline_scores or not rows:
+                return ids, rows
+            try:
+                async with conn.transaction():  # a savepoint: a refused COPY keeps the detections
+                    await copy_scores_async(conn, rows)
+            except psycopg.DatabaseError as exc:
+                logger.warning("inline score write failed (%s); %d rows go through the buffer", exc, len(rows))
+                return ids, rows
+        self.scores.record_written(len(rows))
+        return ids, []

@@ -89,6 +89,12 @@ class ScoreBuffer:
             self._wake.set()
         return dropped
 
+    def record_written(self, n: int) -> None:
+        """Count rows written elsewhere (inline with their detections) as written by the log."""
+        self.stats.written += n
+        if self._on_written:
+            self._on_written(n)
+
     def _count_dropped(self, n: int, *, reason: str) -> None:
         self.stats.dropped += n
         logger.warning("dropped %d score rows (%s); %d dropped so far", n, reason, self.stats.dropped)
