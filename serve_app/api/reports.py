@@ -39,7 +39,7 @@ async def threshold_report(
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(LATEST_SQL, {"mv": model_version, "sites": principal.site_filter()})
             row = await cur.fetchone()
-    except (psycopg.Error, TimeoutError) as exc:
+    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
         raise ServiceUnavailable("postgres", "cannot read threshold reports") from exc
     if row is None:
         suffix = f" and model {model_version}" if model_version else ""

@@ -163,7 +163,7 @@ def dashboard_and_alert_metrics() -> set[str]:
 def test_serve_metrics_on_the_dashboard_are_exported_by_the_running_app(serve_url: str) -> None:
     for _ in range(5):
         assert httpx.get(serve_url + "/healthz", timeout=10).status_code == 200
-    assert httpx.get(serve_url + "/api/no-such-route", timeout=10).status_code == 404
+    assert httpx.get(serve_url + "/no-such-route", timeout=10).status_code == 404
     used = {name for name in dashboard_and_alert_metrics() if name.startswith("ray_serve_")}
     assert used <= SERVE_METRICS, "a Serve metric the test does not drive"
     samples = scrape_until(used)

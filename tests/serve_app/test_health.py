@@ -8,13 +8,14 @@ import httpx
 from ray import serve
 
 from serve_app.app import build_app
-from tests.fixtures.ray_cluster import app_settings, small_app_args
+from tests.fixtures.ray_cluster import app_settings, small_app_args, wait_ready
 
 
 def test_healthz_and_readyz_answer_when_services_are_up(serve_url: str) -> None:
     assert httpx.get(serve_url + "/healthz").json() == {"status": "ok"}
-    resp = httpx.get(serve_url + "/readyz")
-    assert resp.status_code == 200
+    wait_ready(serve_url, timeout_s=60)  # a replica busy with earlier tests may answer a check late
+    resp = httpx.get(serve_url + "/readyz", timeout=10)
+    assert resp.status_code == 200, resp.text
     assert resp.json()["checks"] == {"redis": "ok", "postgres": "ok", "model": "ok"}
 
 

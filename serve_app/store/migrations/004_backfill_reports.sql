@@ -3,6 +3,7 @@
 -- A backfill run writes each (detection, profile) score at most once: resumed or retried blocks
 -- insert with ON CONFLICT DO NOTHING against this index. It also serves every query of the old
 -- (run_id, detection_id) index, which it replaces.
+-- Query: rows of one backfill run (progress, resume without duplicates, ON CONFLICT target).
 CREATE UNIQUE INDEX reid_scores_run_unique_idx
     ON reid_similarity_scores (run_id, detection_id, deer_id) WHERE run_id IS NOT NULL;
 DROP INDEX reid_scores_run_idx;

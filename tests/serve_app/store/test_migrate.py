@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ ANALYSIS_INDEXES = {
     "reid_scores_computed_at_idx",
     "reid_scores_model_source_idx",
     "reid_scores_top1_idx",
-    "reid_scores_run_idx",
+    "reid_scores_run_unique_idx",
 }
 
 
@@ -39,7 +40,7 @@ def test_every_analysis_index_is_commented_with_its_query() -> None:
     text = "\n".join(p.read_text() for p in sorted(MIGRATIONS_DIR.glob("*.sql")))
     lines = text.splitlines()
     for name in ANALYSIS_INDEXES:
-        line_no = next(i for i, line in enumerate(lines) if f"INDEX {name} " in line)
+        line_no = next(i for i, line in enumerate(lines) if re.search(rf"INDEX {name}\b", line))
         assert lines[line_no - 1].startswith("-- Query:"), name
 
 
