@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import psycopg
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -110,6 +111,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LATEST = "latest"
+# The model version the online path used last (what a weekly report should look at).
+LATEST_VERSION_SQL = (
+    "SELECT model_version FROM reid_similarity_scores ORDER BY (source = 'online') DESC, computed_at DESC LIMIT 1"
+)
+
+
+def resolve_model_version(conn: psycopg.Connection[Any], model_version: str) -> str:
+    """``latest`` -> the newest logged model version (online rows first); other values as given."""
+    if model_version != LATEST:
+        return model_version
+    row = conn.execute(LATEST_VERSION_SQL).fetchone()
+    if row is None:
+        raise ValueError("--model-version latest: no similarity scores are logged yet")
+    return str(row["model_version"])
+
+
 def analyze(
     dsn: str, *, model_version: str, out: Path, sites: list[int] | None = None,
     current_threshold: float = DEFAULT_ACCEPT_THRESHOLD, store: bool = True,
@@ -117,6 +135,7 @@ def analyze(
     """Build, write and store the report; returns it."""
     out.mkdir(parents=True, exist_ok=True)
     with connect(dsn) as conn:
+        model_version = resolve_model_version(conn, model_version)
         report = build_report(conn, model_version=model_version, sites=sites, current_threshold=current_threshold)
         if store:
             row = conn.execute(STORE_SQL, (model_version, sites, json.dumps(report))).fetchone()
@@ -131,7 +150,7 @@ def analyze(
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-version", required=True)
+    parser.add_argument("--model-version", required=True, help="a model version, or 'latest' (newest logged)")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json, histogram.png")
     parser.add_argument("--site", type=int, action="append", dest="sites", help="site id (repeatable; default all)")
     parser.add_argument("--current-threshold", type=float, default=DEFAULT_ACCEPT_THRESHOLD)
@@ -139,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="default: TRAILCAM_DATABASE_URL")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = analyze(
-        args.database_url or get_settings().database_dsn, model_version=args.model_version, out=args.out,
-        sites=sorted(set(args.sites)) if args.sites else None, current_threshold=args.current_threshold,
-        store=not args.no_store,
-    )  # fmt: skip
+    try:
+        report = analyze(
+            args.database_url or get_settings().database_dsn, model_version=args.model_version, out=args.out,
+            sites=sorted(set(args.sites)) if args.sites else None, current_threshold=args.current_threshold,
+            store=not args.no_store,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
     for warning in report["warnings"]:
         print(f"WARNING: {warning}")
     trusted = "trusted" if report["recommendation_trusted"] else "NOT trusted"

@@ -106,6 +106,16 @@ def test_random_weights_and_unimodal_scores_are_called_meaningless(
     assert color_pixels(tmp_path / "histogram.png", CURRENT_COLOR) > 200
 
 
+def test_latest_resolves_to_the_newest_logged_model_version(
+    demo: Demo, fresh: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="no similarity scores"):
+        analyze(demo.dsn, model_version="latest", out=tmp_path / "none")
+    log_bimodal_scores(fresh, TRAINED)
+    report = analyze(demo.dsn, model_version="latest", out=tmp_path / "latest", store=False)
+    assert report["model_version"] == TRAINED
+
+
 @pytest.mark.slow
 def test_threshold_report_route_serves_the_latest_report_for_the_keys_sites(
     demo: Demo, fresh: psycopg.Connection[Any], serve_url: str, tmp_path: Path
