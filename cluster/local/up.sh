@@ -13,6 +13,8 @@ DASHBOARD="127.0.0.1:8265"
 API="http://127.0.0.1:8000"
 mkdir -p "$DATA"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The head's processes inherit this PATH: `python` in `ray job submit -- python -m ...` is the venv's.
+export PATH="$ROOT/.venv/bin:$PATH"
 
 echo "== services"
 "$PY" cluster/local/services.py ensure
