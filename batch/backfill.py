@@ -279,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         print("decisions: " + json.dumps(result.dry_run.get("decisions", {}), sort_keys=True))
         for sample in result.dry_run.get("sample", []):
             print("sample: " + json.dumps(sample))
+    if result.failed and not result.detections:
+        print(
+            f"error: none of {result.failed} detections could be scored (see the 'not scored' lines); check that"
+            " TRAILCAM_IMAGE_ROOT (or --image-root) is an absolute path to the images on every node",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
