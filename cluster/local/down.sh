@@ -6,7 +6,8 @@ ROOT="$PWD"
 DATA="$ROOT/.data"
 if [ -f "$DATA/ray-head.started" ]; then
     "$ROOT/.venv/bin/serve" shutdown -y --address http://127.0.0.1:8265 >/dev/null 2>&1 || true
-    "$ROOT/.venv/bin/python" cluster/local/ray_head.py stop "$(cat "$DATA/ray-head.started")"
+    "$ROOT/.venv/bin/python" cluster/local/ray_head.py stop "$(cat "$DATA/ray-head.started")" \
+        "${TRAILCAM_RAY_GCS_PORT:-6380}"
     rm -f "$DATA/ray-head.started"
 else
     echo "no Ray head started by make run"

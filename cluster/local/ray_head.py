@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
 
-def head_processes(temp_dir: str) -> list[psutil.Process]:
-    """Processes of the head whose command line mentions its temp dir."""
+VENV = str(Path(__file__).resolve().parents[2] / ".venv")
+
+
+def head_processes(temp_dir: str, gcs_port: int) -> list[psutil.Process]:
+    """Processes of the head: their command line names its temp dir, or runs this checkout's venv
+    against its GCS port (the Ray client server names neither the temp dir nor a session)."""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if temp_dir in cmdline and proc.pid != psutil.Process().pid:
+        ours = temp_dir in cmdline or (VENV in cmdline and f":{gcs_port} " in cmdline + " ")
+        if ours and proc.pid != psutil.Process().pid:
             found.append(proc)
     return found
 
 
-def stop(temp_dir: str, *, grace_s: float = 15.0) -> int:
+def stop(temp_dir: str, *, gcs_port: int, grace_s: float = 15.0) -> int:
     """SIGTERM, then SIGKILL after the grace period; returns how many processes were stopped."""
-    procs = head_processes(temp_dir)
+    procs = head_processes(temp_dir, gcs_port)
     children = []
     for proc in procs:
         try:
@@ -45,6 +51,6 @@ def stop(temp_dir: str, *, grace_s: float = 15.0) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "stop":
-        raise SystemExit("usage: ray_head.py stop TEMP_DIR")
-    print(f"stopped the Ray head ({stop(sys.argv[2])} processes)")
+    if len(sys.argv) != 4 or sys.argv[1] != "stop":
+        raise SystemExit("usage: ray_head.py stop TEMP_DIR GCS_PORT")
+    print(f"stopped the Ray head ({stop(sys.argv[2], gcs_port=int(sys.argv[3]))} processes)")
