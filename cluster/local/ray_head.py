@@ -9,7 +9,6 @@ from pathlib import Path
 
 import psutil
 
-
 VENV = str(Path(__file__).resolve().parents[2] / ".venv")
 
 
