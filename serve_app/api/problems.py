@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serve_app.errors import InvalidKey, NotFound, ServiceUnavailable
 
@@ -255,5 +256,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ClientDisconnect):
+            # The client went away mid-body (a closed connection): nobody reads an answer, nothing failed.
+            logger.info("client disconnected during %s %s", request.method, request.url.path)
+            return problem_response(400, "client-disconnected", "the client closed the connection")
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(500, "internal-error", "an unexpected error occurred", instance=request.url.path)
