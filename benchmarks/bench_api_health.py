@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from benchmarks.common import bench_settings, http_rows, load, prepare_database, serve_app, uvicorn_app, write_results
+from benchmarks.common import (
+    api_app_args,
+    bench_settings,
+    http_rows,
+    load,
+    prepare_database,
+    serve_app,
+    uvicorn_app,
+    write_results,
+)
 
 DURATION_S = 5.0
 
@@ -13,7 +22,7 @@ def main() -> None:
     prepare_database(settings)
     rows = []
     results: dict[tuple[str, str, int], dict[str, float]] = {}
-    for server, ctx in (("uvicorn", uvicorn_app(settings)), ("serve", serve_app({"settings": settings}))):
+    for server, ctx in (("uvicorn", uvicorn_app(settings)), ("serve", serve_app(api_app_args(settings)))):
         with ctx as url:
             for path in ("/healthz", "/readyz"):
                 load(url + path, connections=4, duration_s=1)  # warm-up

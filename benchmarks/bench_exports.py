@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from benchmarks.common import (
     Row,
+    api_app_args,
     bench_settings,
     http_rows,
     load,
@@ -77,7 +78,7 @@ def main() -> None:
     }
     rows: list[Row] = []
     results: dict[tuple[str, str, int], dict[str, float]] = {}
-    for server, ctx in (("uvicorn", uvicorn_app(settings)), ("serve", serve_app({"settings": settings}))):
+    for server, ctx in (("uvicorn", uvicorn_app(settings)), ("serve", serve_app(api_app_args(settings)))):
         with ctx as url:
             for case, (path, method, body, headers) in cases.items():
                 load(url + path, method=method, body=body, headers=headers, connections=4, duration_s=1)  # warm-up

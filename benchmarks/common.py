@@ -33,6 +33,22 @@ BENCH_REDIS_DB = 14
 Row = dict[str, Any]
 
 
+# API benchmarks compare the same FastAPI app on Serve and on bare uvicorn, which has no ReID replica:
+# the Serve side gets the smallest model so a resnet50 replica's forward passes (health checks, gallery
+# loads) do not compete with the ingress for the same two cores.
+LIGHT_REID: dict[str, Any] = {
+    "architecture": "resnet18",
+    "input_size_px": 64,
+    "num_cpus": 0,
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+}
+
+
+def api_app_args(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Serve builder args for the API benchmarks: the given settings and the light ReID."""
+    return {"settings": dict(settings), "reid": LIGHT_REID}
+
+
 def write_results(name: str, rows: list[Row], *, meta: Mapping[str, Any] | None = None) -> Path:
     """Print the rows and write benchmarks/results/<name>.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
