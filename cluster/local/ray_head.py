@@ -4,7 +4,6 @@ its own temp dir (``ray stop`` would also end every other Ray on the machine).""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -45,7 +44,6 @@ def stop(temp_dir: str, *, gcs_port: int, grace_s: float = 15.0) -> int:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    time.sleep(0.5)
     return len(everyone)
 
 

@@ -95,7 +95,7 @@ def _pid_file(name: str) -> Path:
     return DATA / f"{name}.pid"
 
 
-def _open_path_for(user: str, path: Path) -> None:
+def _open_path_for(path: Path) -> None:
     """Let a non-root user traverse to ``path`` (pgserver's approach when running as root)."""
     for parent in reversed(path.parents):
         mode = parent.stat().st_mode
@@ -117,13 +117,13 @@ def start_embedded_postgres(port: int) -> int:
         import pwd
 
         entry = pwd.getpwnam(PG_USER)
-        _open_path_for(PG_USER, pgdata)
+        _open_path_for(pgdata)
         shutil.chown(pgdata, entry.pw_uid, entry.pw_gid)
         pgdata.chmod(0o700)
         user = PG_USER
         from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
 
-        _open_path_for(PG_USER, POSTGRES_BIN_PATH / "postgres")
+        _open_path_for(POSTGRES_BIN_PATH / "postgres")
     # Drop root's groups too: a root-group process gets the group bits of root's folders.
     as_user: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user else {}
     if not (pgdata / "PG_VERSION").exists():
