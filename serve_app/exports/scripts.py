@@ -115,3 +115,9 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return out
 """
+
+# KEYS: sweep lock. ARGV: token. Releases the lock only when this sweeper still holds it.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

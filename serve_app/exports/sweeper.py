@@ -1,13 +1,16 @@
 """Periodic cleanup: fail processing jobs whose lease lapsed, delete files older than the TTL.
 
-Every replica runs the loop; a short Redis lock lets one of them sweep per interval. Missing
-a sweep is harmless: readers fail lapsed jobs on their own, and the next sweep catches up.
+Every replica runs the loop; a Redis lock, held only while a sweep runs, keeps two sweeps from
+overlapping. Holding it no longer than that matters: replicas (or applications) with different
+intervals share one Redis, and a lock left for a long interval would starve a short one. Missing a
+sweep is harmless: readers fail lapsed jobs on their own, and the next sweep catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -17,6 +20,8 @@ from serve_app.exports.files import ExportFiles
 from serve_app.exports.jobs import Job, JobStore
 
 logger = logging.getLogger(__name__)
+
+LOCK_SAFETY_MS = 30_000  # frees the lock of a replica that died mid-sweep
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,15 @@ async def run_sweeper(
     client: aioredis.Redis, store: JobStore, files: ExportFiles, *, interval_s: float, file_ttl_s: float
 ) -> None:
     """Sweep forever (cancelled at shutdown); errors are logged and retried next interval."""
+    release = client.register_script(scripts.RELEASE_LOCK)
     while True:
         try:
-            if await client.set(scripts.SWEEP_LOCK_KEY, "1", nx=True, px=max(int(interval_s * 900), 1)):
-                await sweep_once(store, files, file_ttl_s=file_ttl_s)
+            token = uuid.uuid4().hex
+            if await client.set(scripts.SWEEP_LOCK_KEY, token, nx=True, px=LOCK_SAFETY_MS):
+                try:
+                    await sweep_once(store, files, file_ttl_s=file_ttl_s)
+                finally:
+                    await release(keys=[scripts.SWEEP_LOCK_KEY], args=[token])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - Redis or storage hiccups must not end the loop

@@ -168,7 +168,15 @@ def test_serve_metrics_on_the_dashboard_are_exported_by_the_running_app(serve_ur
     assert used <= SERVE_METRICS, "a Serve metric the test does not drive"
     samples = scrape_until(used)
     assert used <= samples.keys(), f"not exported: {sorted(used - samples.keys())}"
-    assert any('route="/healthz"' in line for line in scrape_lines("ray_serve_num_http_requests_total"))
+    deadline = time.monotonic() + 60  # a name can be exported before this test's requests are counted
+    while healthz_requests() < 5:
+        assert time.monotonic() < deadline, "the five GET /healthz are not counted by route"
+        time.sleep(2)
+
+
+def healthz_requests() -> float:
+    lines = scrape_lines("ray_serve_num_http_requests_total")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'route="/healthz"' in line)
 
 
 def scrape_lines(name: str) -> list[str]:

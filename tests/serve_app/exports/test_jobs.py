@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
 from serve_app.exports import scripts
+from serve_app.exports.files import ExportFiles
 from serve_app.exports.jobs import JobStore, RunnerLease
+from serve_app.exports.sweeper import run_sweeper
 
 PARAMS = {"start_date": "2024-01-01", "end_date": "2024-02-01", "group_by": "day", "format": "csv", "site_ids": None}
 
@@ -91,3 +95,34 @@ def test_idempotency_key_returns_the_same_job_or_conflicts(redis_url: str) -> No
     assert conflict == "conflict" and none is None
     other, different = run(_create(redis_url, idempotency=("k2", "body-a")))
     assert other == "created" and different.id != job.id
+
+
+def test_a_slow_sweeper_does_not_hold_back_a_fast_one(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Sweepers with different intervals share one Redis (a roll-out, a second app): the lock lasts a sweep only."""
+
+    async def scenario() -> tuple[float, str | None]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = JobStore(client, status_ttl_s=60, start_grace_s=0.3)
+        files = ExportFiles(str(tmp_path))
+        slow = asyncio.create_task(run_sweeper(client, store, files, interval_s=30, file_ttl_s=60))
+        await asyncio.sleep(0.2)  # the slow sweeper has swept once and sleeps for 30 s
+        _, job = await store.create(owner=7, params=PARAMS, file_uri_for=lambda j: str(tmp_path / f"{j}.csv"))
+        fast = asyncio.create_task(run_sweeper(client, store, files, interval_s=0.1, file_ttl_s=60))
+        started = time.monotonic()
+        for _ in range(250):  # up to 5 s
+            if redis_client.hget(scripts.job_key(job.id), "status") != "processing":
+                break
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - started
+        for task in (slow, fast):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await client.aclose()
+        return elapsed, redis_client.hget(scripts.job_key(job.id), "error")
+
+    elapsed, error = run(scenario())
+    assert error == "export worker lost"  # the sweeper failed it: nothing read it through the API
+    assert elapsed < 0.3 + 1.0, f"lapsed job failed only after {elapsed:.2f}s"
