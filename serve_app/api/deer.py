@@ -1,11 +1,11 @@
-"""Deer profiles: list, one profile with recent sightings, merge two profiles."""
+"""Deer profiles: list, one profile with recent sightings, edit a profile, merge two profiles."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from serve_app.api.deps import PrincipalDep, ResourcesDep
 from serve_app.api.problems import Problem
@@ -40,8 +40,21 @@ class MergeIn(BaseModel):
     note: str | None = Field(default=None, max_length=2000)
 
 
+class DeerPatch(BaseModel):
+    """The profile fields to change; a field left out stays as it is, null clears sex or notes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)] | None = None
+    sex: Literal["male", "female", "unknown"] | None = None
+    notes: str | None = Field(default=None, max_length=2000)
+
+
+PROFILE_COLUMNS = "id, site_id, name, sex, notes, created_at, merged_into"
+
+
 async def _visible_deer(conn: Any, deer_id: int, principal: Any, *, lock: bool = False) -> Any:
-    sql = "SELECT id, site_id, name, sex, notes, created_at, merged_into FROM deer WHERE id = %s"
+    sql = f"SELECT {PROFILE_COLUMNS} FROM deer WHERE id = %s"
     row = await (await conn.execute(sql + (" FOR UPDATE" if lock else ""), (deer_id,))).fetchone()
     if row is None or not principal.allows(int(row["site_id"])):
         raise NotFound(f"deer {deer_id} not found")
@@ -72,6 +85,30 @@ async def get_deer(
         row = await _visible_deer(conn, deer_id, principal)
         recent: list[Any] = await (await conn.execute(SIGHTINGS_SQL, (deer_id, sightings))).fetchall()
     return {**dict(row), "recent_sightings": [dict(r) for r in recent]}
+
+
+@router.patch("/api/deer/{deer_id}", summary="Edit a profile's name, sex or notes")
+async def patch_deer(deer_id: int, body: DeerPatch, resources: ResourcesDep, principal: PrincipalDep) -> dict[str, Any]:
+    """Changes the fields the body names and answers the whole profile; a merged profile is read-only."""
+    changes = body.model_dump(exclude_unset=True)
+    if not changes:
+        raise Problem(422, "empty-patch", "name at least one of name, sex, notes")
+    if "name" in changes and changes["name"] is None:
+        raise Problem(422, "name-required", "a profile's name cannot be cleared")
+    async with resources.pool.connection() as conn, conn.transaction():
+        current = await _visible_deer(conn, deer_id, principal, lock=True)
+        if current["merged_into"] is not None:
+            raise Problem(409, "deer-merged", f"deer {deer_id} was merged into {current['merged_into']}")
+        assignments = ", ".join(f"{column} = %({column})s" for column in changes)  # names from the model only
+        row = await (
+            await conn.execute(
+                f"UPDATE deer SET {assignments} WHERE id = %(id)s RETURNING {PROFILE_COLUMNS}",
+                {**changes, "id": deer_id},
+            )
+        ).fetchone()
+    if row is None:
+        raise NotFound(f"deer {deer_id} not found")
+    return dict(row)
 
 
 @router.post("/api/deer/{deer_id}/merge", summary="Merge this profile into another of the same site")

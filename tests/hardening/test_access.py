@@ -60,6 +60,8 @@ def test_a_key_for_site_a_gets_404_for_everything_of_site_b(
         assert_404(client.get(f"/api/deer/{b.deer[0]}", headers=key))
         assert_404(client.get(f"/api/deer/{MISSING_ID}", headers=key))
         assert_404(client.post(f"/api/deer/{b.deer[0]}/merge", json={"into": b.deer[1]}, headers=key))
+        assert_404(client.patch(f"/api/deer/{b.deer[0]}", json={"name": "renamed"}, headers=key))
+        assert_404(client.patch(f"/api/deer/{MISSING_ID}", json={"name": "renamed"}, headers=key))
         assert_404(client.post(f"/api/deer/{a.deer[0]}/merge", json={"into": b.deer[0]}, headers=key))
         listed = client.get("/api/deer", headers=key).json()["items"]
         assert {d["id"] for d in listed} == set(a.deer)
@@ -87,6 +89,7 @@ def test_a_key_for_site_a_gets_404_for_everything_of_site_b(
     assert row == {"decision": "review", "deer_id": None}
     merged = db.execute("SELECT count(*) AS n FROM deer WHERE merged_into IS NOT NULL").fetchone()
     assert merged == {"n": 0}
+    assert db.execute("SELECT count(*) AS n FROM deer WHERE name = 'renamed'").fetchone() == {"n": 0}
 
 
 def _concrete(path: str) -> str:

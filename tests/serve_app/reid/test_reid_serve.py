@@ -374,6 +374,38 @@ def test_deer_profiles_and_merge_are_audited(env: Env, db: psycopg.Connection[An
     assert event["action"] == "merge" and (event["from_deer_id"], event["to_deer_id"]) == (site.deer[0], site.deer[1])
 
 
+def test_a_profile_is_edited_field_by_field_and_a_merged_one_is_read_only(
+    env: Env, db: psycopg.Connection[Any]
+) -> None:
+    site = Site(db, env, k=2)
+    url, h = f"{env.url}/api/deer/{site.deer[0]}", site.headers()
+    r = httpx.patch(url, json={"name": "  Split Ear  ", "sex": "male", "notes": "left ear notched"}, headers=h)
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["sex"], r.json()["notes"]) == ("Split Ear", "male", "left ear notched")
+    r = httpx.patch(url, json={"notes": None}, headers=h)  # only what the body names changes
+    assert (r.json()["name"], r.json()["sex"], r.json()["notes"]) == ("Split Ear", "male", None)
+    assert httpx.get(url, headers=h).json()["name"] == "Split Ear"
+    for body, code in (
+        ({}, "empty-patch"),
+        ({"name": None}, "name-required"),
+        ({"name": "   "}, None),
+        ({"sex": "buck"}, None),
+        ({"deer_id": 3}, None),
+    ):
+        bad = httpx.patch(url, json=body, headers=h)
+        assert bad.status_code in (400, 422), (body, bad.text)
+        assert bad.headers["content-type"].startswith("application/problem+json"), body
+        if code:
+            assert bad.json()["code"] == code, bad.json()
+    assert db.execute("SELECT name, sex FROM deer WHERE id = %s", (site.deer[0],)).fetchone() == {
+        "name": "Split Ear",
+        "sex": "male",
+    }
+    httpx.post(url + "/merge", json={"into": site.deer[1]}, headers=h).raise_for_status()
+    merged = httpx.patch(url, json={"name": "ghost"}, headers=h)
+    assert merged.status_code == 409 and merged.json()["code"] == "deer-merged"
+
+
 def test_readyz_reports_the_model(env: Env) -> None:
     resp = httpx.get(env.url + "/readyz")
     assert resp.status_code == 200 and resp.json()["checks"]["model"] == "ok"
