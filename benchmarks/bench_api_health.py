@@ -6,6 +6,7 @@ from benchmarks.common import (
     api_app_args,
     bench_settings,
     http_rows,
+    interleaved_load,
     load,
     prepare_database,
     serve_app,
@@ -13,27 +14,28 @@ from benchmarks.common import (
     write_results,
 )
 
-DURATION_S = 5.0
+ROUNDS = 3
+ROUND_S = 3.0  # per server per round; figures are medians over the rounds
 
 
 def main() -> None:
-    """Measure both servers at 1 and 16 connections, then the Serve/uvicorn ratios."""
+    """Both servers at 1 and 16 connections in alternating rounds, then the Serve/uvicorn ratios."""
     settings = bench_settings()
     prepare_database(settings)
     rows = []
-    results: dict[tuple[str, str, int], dict[str, float]] = {}
-    for server, ctx in (("uvicorn", uvicorn_app(settings)), ("serve", serve_app(api_app_args(settings)))):
-        with ctx as url:
-            for path in ("/healthz", "/readyz"):
-                load(url + path, connections=4, duration_s=1)  # warm-up
-                for conns in (1, 16):
-                    res = load(url + path, connections=conns, duration_s=DURATION_S)
-                    results[(server, path, conns)] = res
-                    rows += http_rows(f"GET {path} {server} c={conns}", res)
-    for path in ("/healthz", "/readyz"):
-        for conns in (1, 16):
-            ratio = results[("serve", path, conns)]["rps"] / max(results[("uvicorn", path, conns)]["rps"], 1e-9)
-            rows.append({"case": f"GET {path} c={conns}", "metric": "serve/uvicorn", "value": ratio, "unit": "x req/s"})
+    with uvicorn_app(settings) as uvicorn_url, serve_app(api_app_args(settings)) as serve_url:
+        urls = {"uvicorn": uvicorn_url, "serve": serve_url}
+        for path in ("/healthz", "/readyz"):
+            for url in urls.values():  # warm-up
+                load(url + path, connections=4, duration_s=1)
+            for conns in (1, 16):
+                measured = interleaved_load(urls, path, rounds=ROUNDS, duration_s=ROUND_S, connections=conns)
+                for server in urls:
+                    rows += http_rows(f"GET {path} {server} c={conns}", measured.median(server))
+                ratio = measured.ratio("serve", "uvicorn")
+                rows.append(
+                    {"case": f"GET {path} c={conns}", "metric": "serve/uvicorn", "value": ratio, "unit": "x req/s"}
+                )
     write_results("api_health", rows)
 
 

@@ -13,6 +13,7 @@ from benchmarks.common import (
     api_app_args,
     bench_settings,
     http_rows,
+    interleaved_load,
     load,
     prepare_database,
     serve_app,
@@ -25,7 +26,8 @@ from serve_app.exports.jobs import JobStore, RunnerLease
 from serve_app.keys import LOOKUP_SQL, hash_key
 from serve_app.store.db import connect
 
-DURATION_S = 5.0
+ROUNDS = 3
+ROUND_S = 3.0  # per server per round; figures are medians over the rounds
 CONNECTIONS = (1, 16)
 # Fails VR-001 (equal dates) and VR-003 at once: rejected before anything is queued.
 INVALID_BODY = json.dumps({"start_date": "2024-03-01", "end_date": "2024-03-01", "group_by": "year", "format": "csv"})
@@ -77,33 +79,38 @@ def main() -> None:
         "GET status": (f"/api/exports/{job_id}", "GET", None, auth),
     }
     rows: list[Row] = []
-    results: dict[tuple[str, str, int], dict[str, float]] = {}
-    for server, ctx in (("uvicorn", uvicorn_app(settings)), ("serve", serve_app(api_app_args(settings)))):
-        with ctx as url:
-            for case, (path, method, body, headers) in cases.items():
-                load(url + path, method=method, body=body, headers=headers, connections=4, duration_s=1)  # warm-up
-                for conns in CONNECTIONS:
-                    res = load(
-                        url + path, method=method, body=body, headers=headers, connections=conns, duration_s=DURATION_S
-                    )
-                    results[(case, server, conns)] = res
+    # Both servers run at once and are measured in alternating rounds (see interleaved_load).
+    with uvicorn_app(settings) as uvicorn_url, serve_app(api_app_args(settings)) as serve_url:
+        urls = {"uvicorn": uvicorn_url, "serve": serve_url}
+        for case, (path, method, body, headers) in cases.items():
+            for url in urls.values():  # warm-up
+                load(url + path, method=method, body=body, headers=headers, connections=4, duration_s=1)
+            for conns in CONNECTIONS:
+                measured = interleaved_load(
+                    urls,
+                    path,
+                    rounds=ROUNDS,
+                    duration_s=ROUND_S,
+                    connections=conns,
+                    method=method,
+                    body=body,
+                    headers=headers,
+                )
+                for server in urls:
+                    res = measured.median(server)
                     case_rows = http_rows(f"{case} {server} c={conns}", res, targets=TARGETS.get((case, server, conns)))
                     if method == "POST":  # every answer should be a 400: count the others as errors
                         case_rows[-1]["value"] = res["errors"] + res["requests"] - res["non_2xx"]
                     rows += case_rows
-    for case in cases:
-        for conns in CONNECTIONS:
-            ratio = results[(case, "serve", conns)]["rps"] / max(results[(case, "uvicorn", conns)]["rps"], 1e-9)
-            target = ">= 0.5" if case == "GET status" and conns == 16 else None
-            rows.append(
-                {
-                    "case": f"{case} c={conns}",
-                    "metric": "serve/uvicorn",
-                    "value": ratio,
-                    "unit": "x req/s",
-                    "target": target,
-                }
-            )
+                rows.append(
+                    {
+                        "case": f"{case} c={conns}",
+                        "metric": "serve/uvicorn",
+                        "value": measured.ratio("serve", "uvicorn"),
+                        "unit": "x req/s",
+                        "target": ">= 0.5" if case == "GET status" and conns == 16 else None,
+                    }
+                )
     write_results("exports", rows)
 
 

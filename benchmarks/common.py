@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +229,56 @@ def http_rows(case: str, result: Mapping[str, float], *, targets: Mapping[str, s
         {"case": case, "metric": "req/s", "value": result["rps"], "unit": "req/s", "target": targets.get("req/s")},
         {"case": case, "metric": "errors", "value": result["errors"] + result["non_2xx"], "unit": "responses"},
     ]
+
+
+@dataclass
+class Interleaved:
+    """Per server, the load results of each round (round i of every server ran back to back)."""
+
+    rounds: dict[str, list[dict[str, float]]]
+
+    def median(self, server: str) -> dict[str, float]:
+        """Median latency and req/s over the rounds; request and error counts summed."""
+        results = self.rounds[server]
+        summed = {"requests", "errors", "non_2xx"}
+        return {
+            key: sum(r[key] for r in results) if key in summed else statistics.median(r[key] for r in results)
+            for key in results[0]
+        }
+
+    def ratio(self, numerator: str, denominator: str) -> float:
+        """The median over rounds of numerator/denominator req/s."""
+        pairs = zip(self.rounds[numerator], self.rounds[denominator], strict=True)
+        return statistics.median(top["rps"] / max(bottom["rps"], 1e-9) for top, bottom in pairs)
+
+
+def interleaved_load(
+    urls: Mapping[str, str],
+    path: str,
+    *,
+    rounds: int,
+    duration_s: float,
+    connections: int,
+    method: str = "GET",
+    body: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Interleaved:
+    """The same load against every server in alternating rounds.
+
+    Alternating short rounds keeps a drifting machine (a shared VM whose speed changes by tens of
+    percent within minutes) from favouring whichever server happens to run in a faster minute.
+    """
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            out[name].append(
+                load(
+                    url + path,
+                    method=method,
+                    body=body,
+                    headers=headers,
+                    connections=connections,
+                    duration_s=duration_s,
+                )
+            )
+    return Interleaved(out)
