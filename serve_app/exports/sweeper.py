@@ -70,4 +70,13 @@ async def run_sweeper(
             raise
         except Exception as exc:  # noqa: BLE001 - Redis or storage hiccups must not end the loop
             logger.warning("export sweep failed: %s", exc)
+        if _cancel_requested():
+            raise asyncio.CancelledError
         await asyncio.sleep(interval_s)
+
+
+def _cancel_requested() -> bool:
+    """Whether this task was asked to stop. A cancellation that lands inside a Redis call can be
+    swallowed there (the task stays "cancelling" and the call returns); the loop must end anyway."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

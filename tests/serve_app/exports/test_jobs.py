@@ -126,3 +126,26 @@ def test_a_slow_sweeper_does_not_hold_back_a_fast_one(
     elapsed, error = run(scenario())
     assert error == "export worker lost"  # the sweeper failed it: nothing read it through the API
     assert elapsed < 0.3 + 1.0, f"lapsed job failed only after {elapsed:.2f}s"
+
+
+def test_a_cancelled_sweeper_always_stops(redis_url: str, tmp_path: Path) -> None:
+    """Shutdown cancels the sweeper and waits for it: a cancel landing anywhere in a sweep must end the loop."""
+
+    async def scenario() -> int:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = JobStore(client, status_ttl_s=60, start_grace_s=0.01)
+        files = ExportFiles(str(tmp_path))
+        stuck = 0
+        for i in range(120):
+            await store.create(owner=7, params=PARAMS, file_uri_for=lambda j: str(tmp_path / f"{j}.csv"))
+            task = asyncio.create_task(run_sweeper(client, store, files, interval_s=0.005, file_ttl_s=60))
+            await asyncio.sleep(0.001 * (i % 25))  # cancel at varying points of a sweep
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=3)
+            if not done:
+                stuck += 1
+                break
+        await client.aclose()
+        return stuck
+
+    assert run(scenario()) == 0, "a cancelled sweeper kept running"
