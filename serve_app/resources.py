@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from serve_app.config import Settings
 from serve_app.keys import Principal
@@ -27,12 +30,16 @@ class Resources:
     @classmethod
     def create(cls, settings: Settings) -> Resources:
         """Build unopened clients for the settings."""
+        # After a Redis restart every pooled connection is stale: one immediate retry on a fresh
+        # connection spares the next request on each of them a 503. Only connection errors are retried
+        # (a timeout is not), so a Redis that is down still answers 503 at once.
         client = aioredis.Redis.from_url(
             settings.redis_dsn,
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=30,
             decode_responses=True,
+            retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
         )
         return cls(
             settings=settings, pool=make_pool(settings.database_dsn, max_size=settings.db_pool_max), redis=client
