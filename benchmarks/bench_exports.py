@@ -9,15 +9,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from benchmarks.common import (
-    Row,
-    api_app_args,
+    HttpCase,
     bench_settings,
-    http_rows,
-    interleaved_load,
-    load,
     prepare_database,
-    serve_app,
-    uvicorn_app,
+    serve_vs_uvicorn,
     write_results,
 )
 from serve_app.config import Settings
@@ -74,43 +69,21 @@ def main() -> None:
     key = prepare_database(settings)
     job_id = completed_job(settings, key)
     auth = {"Authorization": f"Bearer {key}"}
-    cases = {
-        "POST invalid": ("/api/exports", "POST", INVALID_BODY, {**auth, "Content-Type": "application/json"}),
-        "GET status": (f"/api/exports/{job_id}", "GET", None, auth),
-    }
-    rows: list[Row] = []
-    # Both servers run at once and are measured in alternating rounds (see interleaved_load).
-    with uvicorn_app(settings) as uvicorn_url, serve_app(api_app_args(settings)) as serve_url:
-        urls = {"uvicorn": uvicorn_url, "serve": serve_url}
-        for case, (path, method, body, headers) in cases.items():
-            for url in urls.values():  # warm-up
-                load(url + path, method=method, body=body, headers=headers, connections=4, duration_s=1)
-            for conns in CONNECTIONS:
-                measured = interleaved_load(
-                    urls,
-                    path,
-                    rounds=ROUNDS,
-                    duration_s=ROUND_S,
-                    connections=conns,
-                    method=method,
-                    body=body,
-                    headers=headers,
-                )
-                for server in urls:
-                    res = measured.median(server)
-                    case_rows = http_rows(f"{case} {server} c={conns}", res, targets=TARGETS.get((case, server, conns)))
-                    if method == "POST":  # every answer should be a 400: count the others as errors
-                        case_rows[-1]["value"] = res["errors"] + res["requests"] - res["non_2xx"]
-                    rows += case_rows
-                rows.append(
-                    {
-                        "case": f"{case} c={conns}",
-                        "metric": "serve/uvicorn",
-                        "value": measured.ratio("serve", "uvicorn"),
-                        "unit": "x req/s",
-                        "target": ">= 0.5" if case == "GET status" and conns == 16 else None,
-                    }
-                )
+    cases = [
+        HttpCase(
+            "POST invalid", "/api/exports", "POST", INVALID_BODY, {**auth, "Content-Type": "application/json"}, True
+        ),
+        HttpCase("GET status", f"/api/exports/{job_id}", headers=auth),
+    ]
+    rows = serve_vs_uvicorn(
+        settings,
+        cases,
+        connections=CONNECTIONS,
+        rounds=ROUNDS,
+        round_s=ROUND_S,
+        targets=TARGETS,
+        ratio_targets={("GET status", 16): ">= 0.5"},
+    )
     write_results("exports", rows)
 
 

@@ -282,3 +282,63 @@ def interleaved_load(
                 )
             )
     return Interleaved(out)
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    """One request shape driven against both servers; ``rejected`` cases count any non-4xx as an error."""
+
+    name: str
+    path: str
+    method: str = "GET"
+    body: str | None = None
+    headers: Mapping[str, str] | None = None
+    rejected: bool = False
+
+
+def serve_vs_uvicorn(
+    settings: Mapping[str, Any],
+    cases: list[HttpCase],
+    *,
+    connections: tuple[int, ...] = (1, 16),
+    rounds: int = 3,
+    round_s: float = 3.0,
+    targets: Mapping[tuple[str, str, int], Mapping[str, str]] | None = None,
+    ratio_targets: Mapping[tuple[str, int], str] | None = None,
+) -> list[Row]:
+    """Both servers up at once, each case measured in alternating rounds; rows per server and ratios."""
+    targets, ratio_targets = targets or {}, ratio_targets or {}
+    rows: list[Row] = []
+    with uvicorn_app(settings) as uvicorn_url, serve_app(api_app_args(settings)) as serve_url:
+        urls = {"uvicorn": uvicorn_url, "serve": serve_url}
+        for case in cases:
+            request = {"method": case.method, "body": case.body, "headers": case.headers}
+            for url in urls.values():  # warm-up
+                load(url + case.path, connections=4, duration_s=1, **request)  # type: ignore[arg-type]
+            for conns in connections:
+                measured = interleaved_load(
+                    urls,
+                    case.path,
+                    rounds=rounds,
+                    duration_s=round_s,
+                    connections=conns,
+                    **request,  # type: ignore[arg-type]
+                )
+                for server in urls:
+                    res = measured.median(server)
+                    case_rows = http_rows(
+                        f"{case.name} {server} c={conns}", res, targets=targets.get((case.name, server, conns))
+                    )
+                    if case.rejected:  # every answer should be a 4xx: count the others as errors
+                        case_rows[-1]["value"] = res["errors"] + res["requests"] - res["non_2xx"]
+                    rows += case_rows
+                rows.append(
+                    {
+                        "case": f"{case.name} c={conns}",
+                        "metric": "serve/uvicorn",
+                        "value": measured.ratio("serve", "uvicorn"),
+                        "unit": "x req/s",
+                        "target": ratio_targets.get((case.name, conns)),
+                    }
+                )
+    return rows
