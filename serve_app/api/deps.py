@@ -18,8 +18,8 @@ from serve_app.resources import Resources
 _KEY_CACHE_MAX = 10_000
 
 
-def get_resources(request: Request) -> Resources:
-    """The resources opened in the app's lifespan."""
+async def get_resources(request: Request) -> Resources:
+    """The resources opened in the app's lifespan (async: a plain function would cost a thread hop per request)."""
     resources: Resources = request.app.state.resources
     return resources
 
