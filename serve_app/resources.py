@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ class Resources:
     pool: AsyncConnectionPool
     redis: aioredis.Redis
     key_cache: dict[str, tuple[Principal, float]] = field(default_factory=dict)
+    # Lookups in flight by key digest: concurrent requests with one uncached key share one query.
+    key_lookups: dict[str, asyncio.Future[Principal]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings) -> Resources:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -29,16 +30,27 @@ async def require_principal(request: Request, resources: Annotated[Resources, De
 
     Keys are looked up by their HMAC, so no clear key is compared or logged; a verified key
     is cached for ``key_cache_s`` seconds, which bounds how long a revoked key keeps working.
+    Concurrent requests with the same uncached key wait for one lookup instead of each taking
+    a pooled connection (a burst of a new client's requests would otherwise queue on the pool).
     """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidKey("missing API key: send 'Authorization: Bearer <key>'")
     digest = hash_key(token.strip(), pepper=resources.settings.key_pepper)
-    now = time.monotonic()
     cached = resources.key_cache.get(digest)
-    if cached and cached[1] > now:
+    if cached and cached[1] > time.monotonic():
         return cached[0]
+    lookup = resources.key_lookups.get(digest)
+    if lookup is None:
+        lookup = asyncio.ensure_future(_lookup_key(resources, digest))
+        resources.key_lookups[digest] = lookup
+        lookup.add_done_callback(lambda done: _lookup_done(resources, digest, done))
+    # Shielded: a client that disconnects cancels its own wait, not the lookup others share.
+    return await asyncio.shield(lookup)
+
+
+async def _lookup_key(resources: Resources, digest: str) -> Principal:
     try:
         async with resources.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
@@ -51,8 +63,15 @@ async def require_principal(request: Request, resources: Annotated[Resources, De
     principal = principal_from_row(row)
     if len(resources.key_cache) >= _KEY_CACHE_MAX:
         resources.key_cache.clear()
-    resources.key_cache[digest] = (principal, now + resources.settings.key_cache_s)
+    resources.key_cache[digest] = (principal, time.monotonic() + resources.settings.key_cache_s)
     return principal
+
+
+def _lookup_done(resources: Resources, digest: str, done: asyncio.Future[Principal]) -> None:
+    if resources.key_lookups.get(digest) is done:
+        del resources.key_lookups[digest]
+    if not done.cancelled():
+        done.exception()  # retrieved here too, so a failure nobody awaited any more is not logged as lost
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]

@@ -141,6 +141,51 @@ def test_keys_are_compared_in_constant_time(
     assert (digest, digest) in compared  # the stored and the presented digest went through compare_digest
 
 
+def test_a_burst_with_an_uncached_key_waits_for_one_lookup(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """30 concurrent requests with a key not in the cache run one key query, not one per pooled connection."""
+    from serve_app.ingress import create_app
+    from tests.fixtures.ray_cluster import app_settings
+
+    key = factories.api_key(db)
+    app = create_app(app_settings(database_url, "redis://127.0.0.1:6379/0", tmp_path, db_pool_max=4))
+    blocked: list[int] = []
+
+    async def burst() -> list[int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
+                with psycopg.connect(database_url) as locker:  # key lookups wait behind this lock
+                    locker.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+                    requests = [
+                        asyncio.ensure_future(
+                            client.get("/api/exports/no-such-job", headers={"Authorization": f"Bearer {key}"})
+                        )
+                        for _ in range(30)
+                    ]
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline and not (blocked and blocked[-1]):
+                        await asyncio.sleep(0.1)
+                        blocked.append(_waiting_on_locks(db, database_url))
+                    await asyncio.sleep(1.0)  # let any further lookups reach Postgres too
+                    blocked.append(_waiting_on_locks(db, database_url))
+                    locker.rollback()
+                return [r.status_code for r in await asyncio.gather(*requests)]
+
+    statuses = asyncio.run(burst())
+    assert blocked[-1] == 1, f"key lookups waiting in Postgres: {blocked}"
+    assert statuses == [404] * 30  # every request was authenticated by the one lookup
+
+
+def _waiting_on_locks(db: psycopg.Connection[Any], database_url: str) -> int:
+    row = db.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+        (psycopg.conninfo.conninfo_to_dict(database_url)["dbname"],),
+    ).fetchone()
+    return int(row["n"])
+
+
 async def _get(app: Any, path: str, headers: dict[str, str]) -> int:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
