@@ -191,19 +191,9 @@ def score_case(dsn: str, uris: list[str], *, detections: int) -> list[dict[str, 
         insert_s = time.monotonic() - start
     n_rows = detections * PROFILES
     buffer = ScoreBuffer(dsn)  # never started: measures the queueing an identification waits for
-    sims = [rng.uniform(-0.2, 0.9, PROFILES).astype(np.float32) for _ in range(detections)]
     start = time.monotonic()
-    for det, similarities in zip(ids[:detections], sims, strict=True):
-        buffer.add(
-            score_rows(
-                det,
-                deer_ids=deer,
-                similarities=similarities,
-                threshold=0.55,
-                assigned_deer_id=None,
-                model_version="bench",
-            )
-        )
+    for det in ids[:detections]:
+        buffer.add(rows_for(det))
     enqueue_s = time.monotonic() - start
     assert buffer.pending == n_rows
     return [

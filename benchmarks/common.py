@@ -253,15 +253,7 @@ class Interleaved:
 
 
 def interleaved_load(
-    urls: Mapping[str, str],
-    path: str,
-    *,
-    rounds: int,
-    duration_s: float,
-    connections: int,
-    method: str = "GET",
-    body: str | None = None,
-    headers: Mapping[str, str] | None = None,
+    urls: Mapping[str, str], case: HttpCase, *, rounds: int, duration_s: float, connections: int
 ) -> Interleaved:
     """The same load against every server in alternating rounds.
 
@@ -271,16 +263,7 @@ def interleaved_load(
     out: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
-            out[name].append(
-                load(
-                    url + path,
-                    method=method,
-                    body=body,
-                    headers=headers,
-                    connections=connections,
-                    duration_s=duration_s,
-                )
-            )
+            out[name].append(case.load(url, connections=connections, duration_s=duration_s))
     return Interleaved(out)
 
 
@@ -294,6 +277,17 @@ class HttpCase:
     body: str | None = None
     headers: Mapping[str, str] | None = None
     rejected: bool = False
+
+    def load(self, base_url: str, *, connections: int, duration_s: float) -> dict[str, float]:
+        """This request against one server."""
+        return load(
+            base_url + self.path,
+            method=self.method,
+            body=self.body,
+            headers=self.headers,
+            connections=connections,
+            duration_s=duration_s,
+        )
 
 
 def serve_vs_uvicorn(
@@ -312,18 +306,10 @@ def serve_vs_uvicorn(
     with uvicorn_app(settings) as uvicorn_url, serve_app(api_app_args(settings)) as serve_url:
         urls = {"uvicorn": uvicorn_url, "serve": serve_url}
         for case in cases:
-            request = {"method": case.method, "body": case.body, "headers": case.headers}
             for url in urls.values():  # warm-up
-                load(url + case.path, connections=4, duration_s=1, **request)  # type: ignore[arg-type]
+                case.load(url, connections=4, duration_s=1)
             for conns in connections:
-                measured = interleaved_load(
-                    urls,
-                    case.path,
-                    rounds=rounds,
-                    duration_s=round_s,
-                    connections=conns,
-                    **request,  # type: ignore[arg-type]
-                )
+                measured = interleaved_load(urls, case, rounds=rounds, duration_s=round_s, connections=conns)
                 for server in urls:
                     res = measured.median(server)
                     case_rows = http_rows(

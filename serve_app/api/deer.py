@@ -106,8 +106,7 @@ async def patch_deer(deer_id: int, body: DeerPatch, resources: ResourcesDep, pri
                 {**changes, "id": deer_id},
             )
         ).fetchone()
-    if row is None:
-        raise NotFound(f"deer {deer_id} not found")
+    assert row is not None  # locked FOR UPDATE above, so the UPDATE found it
     return dict(row)
 
 

@@ -68,8 +68,7 @@ async def _lookup_key(resources: Resources, digest: str) -> Principal:
 
 
 def _lookup_done(resources: Resources, digest: str, done: asyncio.Future[Principal]) -> None:
-    if resources.key_lookups.get(digest) is done:
-        del resources.key_lookups[digest]
+    del resources.key_lookups[digest]
     if not done.cancelled():
         done.exception()  # retrieved here too, so a failure nobody awaited any more is not logged as lost
 
