@@ -83,3 +83,76 @@ def test_badly_named_migration_is_refused(tmp_path: Path) -> None:
     (tmp_path / "one.sql").write_text("SELECT 1")
     with pytest.raises(MigrationError, match=r"001_name\.sql"):
         discover(tmp_path)
+
+
+def _scored_detection(db: psycopg.Connection[Any], name: str) -> tuple[int, int, int]:
+    """A site with one deer and one detection that has a score row against it; returns (site, detection, deer)."""
+    site = db.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (name,)).fetchone()["id"]
+    cam = db.execute("INSERT INTO cameras (site_id, name) VALUES (%s, 'c') RETURNING id", (site,)).fetchone()["id"]
+    img = db.execute(
+        "INSERT INTO images (camera_id, uri, captured_at, width, height) VALUES (%s, %s, now(), 10, 10) RETURNING id",
+        (cam, f"{name}.jpg"),
+    ).fetchone()["id"]
+    deer = db.execute("INSERT INTO deer (site_id, name) VALUES (%s, 'd') RETURNING id", (site,)).fetchone()["id"]
+    det = db.execute(
+        "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h) VALUES (%s, 0.1, 0.1, 0.2, 0.2) RETURNING id",
+        (img,),
+    ).fetchone()["id"]
+    _insert_score(db, det, deer)
+    return int(site), int(det), int(deer)
+
+
+def _insert_score(db: psycopg.Connection[Any], detection_id: int, deer_id: int) -> None:
+    db.execute(
+        "INSERT INTO reid_similarity_scores (detection_id, deer_id, similarity, rank, threshold, matched,"
+        " model_version, source) VALUES (%s, %s, 0.5, 1, 0.55, false, 'm', 'online')",
+        (detection_id, deer_id),
+    )
+
+
+def _scores(db: psycopg.Connection[Any]) -> set[tuple[int, int]]:
+    return {(r["detection_id"], r["deer_id"]) for r in db.execute("SELECT * FROM reid_similarity_scores")}
+
+
+def test_score_rows_must_reference_an_existing_detection_and_deer(db: psycopg.Connection[Any]) -> None:
+    _site, det, deer = _scored_detection(db, "refs")
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="detection 999999"):
+        _insert_score(db, 999999, deer)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="deer 999999"):
+        _insert_score(db, det, 999999)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="deer 999999"):
+        db.execute("UPDATE reid_similarity_scores SET deer_id = 999999")
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="its id cannot change"):
+        db.execute("UPDATE detections SET id = 999999 WHERE id = %s", (det,))
+    assert _scores(db) == {(det, deer)}
+
+
+def test_deleting_a_detection_a_deer_or_a_site_deletes_their_scores(db: psycopg.Connection[Any]) -> None:
+    _, det_a, deer_a = _scored_detection(db, "a")
+    site_b, det_b, deer_b = _scored_detection(db, "b")
+    _, det_c, deer_c = _scored_detection(db, "c")
+    _insert_score(db, det_a, deer_c)  # a score may name a deer of another detection's row
+    db.execute("DELETE FROM detections WHERE id = %s", (det_a,))
+    assert _scores(db) == {(det_b, deer_b), (det_c, deer_c)}
+    db.execute("DELETE FROM sites WHERE id = %s", (site_b,))  # cascades through cameras, images, detections, deer
+    assert _scores(db) == {(det_c, deer_c)}
+    db.execute("DELETE FROM deer WHERE id = %s", (deer_c,))
+    assert _scores(db) == set()
+    _insert_score(db, det_c, deer_a)
+    db.execute("TRUNCATE detections CASCADE")
+    assert _scores(db) == set()
+
+
+def test_a_detection_deleted_while_its_scores_are_written_takes_them_along(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    _, det, deer = _scored_detection(db, "race")
+    with psycopg.connect(database_url) as writer, psycopg.connect(database_url, autocommit=True) as deleter:
+        _insert_score(writer, det, deer)  # uncommitted: holds the detection FOR KEY SHARE
+        deleter.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            deleter.execute("DELETE FROM detections WHERE id = %s", (det,))  # waits for the writer
+        writer.commit()
+        deleter.execute("SET statement_timeout = 0")
+        deleter.execute("DELETE FROM detections WHERE id = %s", (det,))
+    assert _scores(db) == set()
