@@ -151,6 +151,7 @@ def serve_app(args: Mapping[str, Any], *, ready_path: str = "/readyz") -> Iterat
     """The application on a local Ray with Serve's HAProxy ingress and throughput mode on."""
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")  # as cluster/local/up.sh
     os.environ["PYTHONPATH"] = str(ROOT)
     import ray
     from ray import serve
