@@ -95,7 +95,8 @@ def _scored_detection(db: psycopg.Connection[Any], name: str) -> tuple[int, int,
     ).fetchone()["id"]
     deer = db.execute("INSERT INTO deer (site_id, name) VALUES (%s, 'd') RETURNING id", (site,)).fetchone()["id"]
     det = db.execute(
-        "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h) VALUES (%s, 0.1, 0.1, 0.2, 0.2) RETURNING id",
+        "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h)"
+        " VALUES (%s, 0.1, 0.1, 0.2, 0.2) RETURNING id",
         (img,),
     ).fetchone()["id"]
     _insert_score(db, det, deer)
