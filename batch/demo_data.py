@@ -139,9 +139,10 @@ def _write_rows(
     bboxes: dict[int, tuple[float, float, float, float]],
 ) -> None:
     sig = params.signature()
-    conn.execute(
-        "DELETE FROM sites WHERE name LIKE %s", (f"{SITE_PREFIX} % [{sig}]",)
-    )  # a partial earlier load is replaced whole
+    # A partial earlier load is replaced whole. Its deer are checked at commit, when their detections,
+    # merges and review events are gone with the site too.
+    conn.execute("SET CONSTRAINTS detections_deer_id_fkey, deer_merged_into_fkey, review_events_deer_id_fkey DEFERRED")
+    conn.execute("DELETE FROM sites WHERE name LIKE %s", (f"{SITE_PREFIX} % [{sig}]",))
     site_ids = []
     for s in range(params.sites):
         row = conn.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (f"{SITE_PREFIX} {s + 1} [{sig}]",))

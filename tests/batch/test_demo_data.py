@@ -93,3 +93,14 @@ def test_loading_twice_is_a_no_op(database_url: str, db: psycopg.Connection[Any]
     ids = db.execute("SELECT id FROM detections ORDER BY id").fetchall()
     assert load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)["loaded"] is False
     assert db.execute("SELECT id FROM detections ORDER BY id").fetchall() == ids
+
+
+def test_a_set_missing_rows_is_loaded_again_whole(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)
+    rows = _rows(db)
+    db.execute("DELETE FROM images WHERE id = (SELECT min(id) FROM images)")  # no longer the whole set
+    assert load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)["loaded"] is True
+    assert _rows(db) == rows
+    assert db.execute("SELECT count(*) AS n FROM sites").fetchone()["n"] == PARAMS.sites
