@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from serve_app.config import Settings
 from serve_app.keys import create_key
@@ -47,8 +48,10 @@ LIGHT_REID: dict[str, Any] = {
 
 
 def api_app_args(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Serve builder args for the API benchmarks: the given settings and the light ReID."""
-    return {"settings": dict(settings), "reid": LIGHT_REID}
+    """Serve builder args for the API benchmarks: the given settings, serve_config.yaml's ingress, the light ReID."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    ingress = config["applications"][0]["args"].get("ingress", {})
+    return {"settings": dict(settings), "ingress": ingress, "reid": LIGHT_REID}
 
 
 def write_results(name: str, rows: list[Row], *, meta: Mapping[str, Any] | None = None) -> Path:
