@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from batch.backfill import run_backfill
+from serve_app.store.db import connect
 from tests.batch.conftest import Demo
 from tests.batch.test_backfill import duplicates, expected_rows
 
@@ -39,25 +40,32 @@ def test_killed_run_resumes_without_duplicates_or_gaps(demo: Demo, fresh: psycop
         [sys.executable, "-m", "batch.backfill", *args], env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    # The counters are read under the run row's lock. A block commits its scores and its counters in one
+    # transaction, so once a block is seen done, holding the lock freezes the run there until the kill,
+    # however fast the blocks come (a dozen can commit within a few milliseconds).
     run: dict[str, Any] | None = None
     deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            run = fresh.execute("SELECT id, done, total FROM backfill_runs").fetchone()
-            if run and run["done"] >= 8:
-                break
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert run is not None and 8 <= run["done"] < run["total"], f"not caught mid-run: {run}"
+    with connect(demo.dsn) as gate:
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                run = gate.execute("SELECT id, done, total FROM backfill_runs FOR UPDATE").fetchone()
+                if run and run["done"] > 0:
+                    break
+                gate.rollback()
+                time.sleep(0.001)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            time.sleep(2)  # the dead driver's workers are torn down while their last block waits for the lock
+            gate.rollback()
+    assert run is not None and 0 < run["done"] < run["total"], f"not caught mid-run: {run}"
     run_id = uuid.UUID(str(run["id"]))
     killed = fresh.execute("SELECT state, done FROM backfill_runs WHERE id = %s", (run_id,)).fetchone()
     assert killed["state"] == "running"  # SIGKILL leaves no chance to record anything
     partial = fresh.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"]
     assert 0 < partial < expected_rows(fresh)
 
-    time.sleep(2)  # the dead driver's workers are being torn down; writes from them would conflict, not duplicate
+    # A worker still alive after the kill could commit a waiting block now: it would conflict, not duplicate.
     result = run_backfill(None, settings=demo.settings, resume=run_id)
     assert result.state == "completed" and result.run_id == run_id
     assert result.total < run["total"]  # only what was left

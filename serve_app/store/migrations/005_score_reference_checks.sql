@@ -50,26 +50,23 @@ CREATE TRIGGER reid_scores_references_on_update
     AFTER UPDATE ON reid_similarity_scores REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION reid_scores_check_references();
 
-CREATE FUNCTION reid_scores_delete_for_detections() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION reid_scores_cascade() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    DELETE FROM reid_similarity_scores s USING old_rows o WHERE s.detection_id = o.id;
-    RETURN NULL;
-END;
-$$;
-
-CREATE FUNCTION reid_scores_delete_for_deer() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM reid_similarity_scores s USING old_rows o WHERE s.deer_id = o.id;
+    IF TG_TABLE_NAME = 'detections' THEN
+        DELETE FROM reid_similarity_scores s USING old_rows o WHERE s.detection_id = o.id;
+    ELSE
+        DELETE FROM reid_similarity_scores s USING old_rows o WHERE s.deer_id = o.id;
+    END IF;
     RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER reid_scores_cascade
     AFTER DELETE ON detections REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION reid_scores_delete_for_detections();
+    FOR EACH STATEMENT EXECUTE FUNCTION reid_scores_cascade();
 CREATE TRIGGER reid_scores_cascade
     AFTER DELETE ON deer REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION reid_scores_delete_for_deer();
+    FOR EACH STATEMENT EXECUTE FUNCTION reid_scores_cascade();
 
 CREATE FUNCTION reid_scores_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -115,7 +115,8 @@ def job_keys_left(client: redis.Redis) -> list[str]:
     return [str(k) for k in client.scan_iter(scripts.JOB_PREFIX + "*")]
 
 
-async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> dict[str, int]:
+async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> tuple[dict[str, int], list[str]]:
+    """POST ``count`` exports at once and poll them to their end; returns counts by status and the errors."""
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         posts = await asyncio.gather(
@@ -128,6 +129,7 @@ async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> 
         assert not refused, f"{len(refused)} of {count} POSTs refused: {refused[:5]}"
         pending = {r.json()["id"] for r in posts}
         final: dict[str, str] = {}
+        errors: list[str] = []
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
             answers = await asyncio.gather(*(client.get(f"/api/exports/{i}", headers=key) for i in pending))
@@ -135,21 +137,23 @@ async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> 
                 body = answer.json()
                 if body["status"] != "processing":
                     final[body["id"]] = body["status"]
+                    if body.get("error"):
+                        errors.append(body["error"])
             pending -= set(final)
             await asyncio.sleep(0.5)
     assert not pending, f"{len(pending)} exports still processing"
     counts: dict[str, int] = {}
     for status in final.values():
         counts[status] = counts.get(status, 0) + 1
-    return counts
+    return counts, errors
 
 
 def test_200_concurrent_exports_all_end(serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis) -> None:
     make_dataset(db, days=2)
-    counts = asyncio.run(_many(serve_url, auth(factories.api_key(db)), 200, timeout_s=150))
+    counts, errors = asyncio.run(_many(serve_url, auth(factories.api_key(db)), 200, timeout_s=150))
     assert sum(counts.values()) == 200
     assert set(counts) <= {"completed", "failed"}
-    assert counts.get("completed", 0) == 200
+    assert counts.get("completed", 0) == 200, f"{counts}; errors: {sorted(set(errors))[:5]}"
 
 
 @pytest.mark.slow
@@ -157,6 +161,6 @@ def test_1000_concurrent_exports_all_end(
     serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis
 ) -> None:
     make_dataset(db, days=2)
-    counts = asyncio.run(_many(serve_url, auth(factories.api_key(db)), 1000, timeout_s=600))
+    counts, _errors = asyncio.run(_many(serve_url, auth(factories.api_key(db)), 1000, timeout_s=600))
     assert sum(counts.values()) == 1000
     assert set(counts) <= {"completed", "failed"}

@@ -11,6 +11,7 @@ import pytest
 
 from serve_app.errors import MigrationError
 from serve_app.store.migrate import MIGRATIONS_DIR, apply_migrations, discover
+from tests import factories
 
 ANALYSIS_INDEXES = {
     "reid_scores_detection_idx",
@@ -87,20 +88,12 @@ def test_badly_named_migration_is_refused(tmp_path: Path) -> None:
 
 def _scored_detection(db: psycopg.Connection[Any], name: str) -> tuple[int, int, int]:
     """A site with one deer and one detection that has a score row against it; returns (site, detection, deer)."""
-    site = db.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (name,)).fetchone()["id"]
-    cam = db.execute("INSERT INTO cameras (site_id, name) VALUES (%s, 'c') RETURNING id", (site,)).fetchone()["id"]
-    img = db.execute(
-        "INSERT INTO images (camera_id, uri, captured_at, width, height) VALUES (%s, %s, now(), 10, 10) RETURNING id",
-        (cam, f"{name}.jpg"),
-    ).fetchone()["id"]
-    deer = db.execute("INSERT INTO deer (site_id, name) VALUES (%s, 'd') RETURNING id", (site,)).fetchone()["id"]
-    det = db.execute(
-        "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h)"
-        " VALUES (%s, 0.1, 0.1, 0.2, 0.2) RETURNING id",
-        (img,),
-    ).fetchone()["id"]
+    site = factories.site(db, name=name)
+    img = factories.image(db, camera_id=factories.camera(db, site_id=site))
+    deer = factories.deer(db, site_id=site)
+    det = factories.detection(db, image_id=img)
     _insert_score(db, det, deer)
-    return int(site), int(det), int(deer)
+    return site, det, deer
 
 
 def _insert_score(db: psycopg.Connection[Any], detection_id: int, deer_id: int) -> None:
