@@ -141,7 +141,7 @@ def _write_rows(
     sig = params.signature()
     # A partial earlier load is replaced whole. Its deer are checked at commit, when their detections,
     # merges and review events are gone with the site too.
-    conn.execute("SET CONSTRAINTS detections_deer_id_fkey, deer_merged_into_fkey, review_events_deer_id_fkey DEFERRED")
+    conn.execute("SET CONSTRAINTS ALL DEFERRED")
     conn.execute("DELETE FROM sites WHERE name LIKE %s", (f"{SITE_PREFIX} % [{sig}]",))
     site_ids = []
     for s in range(params.sites):

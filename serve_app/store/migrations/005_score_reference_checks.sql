@@ -13,31 +13,36 @@ ALTER TABLE reid_similarity_scores
     DROP CONSTRAINT reid_similarity_scores_detection_id_fkey,
     DROP CONSTRAINT reid_similarity_scores_deer_id_fkey;
 
+-- Locks the rows of `p_table` with the given ids FOR KEY SHARE, as a foreign key does, and refuses the
+-- statement when any is missing (one that a concurrent delete removed is not locked, so it counts too).
+CREATE FUNCTION reid_scores_require(p_table text, p_noun text, p_column text, p_ids bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked bigint;
+    v_missing bigint;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %I t WHERE t.id = ANY ($1) ORDER BY t.id'
+                   ' FOR KEY SHARE OF t) locked', p_table) INTO v_locked USING p_ids;
+    IF v_locked < cardinality(p_ids) THEN
+        EXECUTE format('SELECT m.id FROM unnest($1) AS m(id)'
+                       ' WHERE NOT EXISTS (SELECT 1 FROM %I t WHERE t.id = m.id) LIMIT 1', p_table)
+            INTO v_missing USING p_ids;
+        RAISE foreign_key_violation USING
+            MESSAGE = format('score rows reference %s %s, which does not exist', p_noun, v_missing),
+            TABLE = 'reid_similarity_scores', COLUMN = p_column;
+    END IF;
+END;
+$$;
+
 CREATE FUNCTION reid_scores_check_references() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     v_detections bigint[];
     v_deer bigint[];
-    v_missing bigint;
 BEGIN
     SELECT array_agg(DISTINCT detection_id), array_agg(DISTINCT deer_id) INTO v_detections, v_deer FROM new_rows;
-    IF v_detections IS NULL THEN
-        RETURN NULL;
-    END IF;
-    PERFORM 1 FROM detections d WHERE d.id = ANY (v_detections) ORDER BY d.id FOR KEY SHARE OF d;
-    PERFORM 1 FROM deer e WHERE e.id = ANY (v_deer) ORDER BY e.id FOR KEY SHARE OF e;
-    SELECT m.id INTO v_missing FROM unnest(v_detections) AS m(id)
-        WHERE NOT EXISTS (SELECT 1 FROM detections d WHERE d.id = m.id) LIMIT 1;
-    IF FOUND THEN
-        RAISE foreign_key_violation USING
-            MESSAGE = format('score rows reference detection %s, which does not exist', v_missing),
-            TABLE = 'reid_similarity_scores', COLUMN = 'detection_id';
-    END IF;
-    SELECT m.id INTO v_missing FROM unnest(v_deer) AS m(id)
-        WHERE NOT EXISTS (SELECT 1 FROM deer e WHERE e.id = m.id) LIMIT 1;
-    IF FOUND THEN
-        RAISE foreign_key_violation USING
-            MESSAGE = format('score rows reference deer %s, which does not exist', v_missing),
-            TABLE = 'reid_similarity_scores', COLUMN = 'deer_id';
+    IF v_detections IS NOT NULL THEN
+        PERFORM reid_scores_require('detections', 'detection', 'detection_id', v_detections);
+        PERFORM reid_scores_require('deer', 'deer', 'deer_id', v_deer);
     END IF;
     RETURN NULL;
 END;

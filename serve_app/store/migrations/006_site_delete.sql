@@ -10,7 +10,7 @@ $$;
 -- Deleting a site deletes its deer and (through cameras and images) their detections in one statement,
 -- but the checks that a deer still referenced by a detection, a merge or a review event cannot go ran
 -- before the cascade had reached those rows. They stay immediate for everything else; a whole-site
--- delete runs `SET CONSTRAINTS ... DEFERRED` (see batch/demo_data.py) so they are checked at commit,
+-- delete runs `SET CONSTRAINTS ALL DEFERRED` (see batch/demo_data.py) so they are checked at commit,
 -- when the referencing rows are gone too.
 ALTER TABLE detections ALTER CONSTRAINT detections_deer_id_fkey DEFERRABLE INITIALLY IMMEDIATE;
 ALTER TABLE deer ALTER CONSTRAINT deer_merged_into_fkey DEFERRABLE INITIALLY IMMEDIATE;
