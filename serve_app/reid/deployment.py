@@ -50,7 +50,7 @@ class ReIDUserConfig(BaseModel):
 
 
 class ScoreLogArgs(BaseModel):
-    """The score buffer's bounds (rows) and flush cadence (seconds)."""
+    """The score buffer's bounds (rows), flush cadence (seconds) and concurrent COPY writers."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +58,7 @@ class ScoreLogArgs(BaseModel):
     flush_rows: int = Field(default=5_000, ge=1)
     flush_interval_s: float = Field(default=0.5, gt=0)
     write_timeout_s: float = Field(default=10.0, gt=0)
+    writers: int = Field(default=2, ge=1, le=8)
 
 
 class ReIDArgs(BaseModel):
@@ -108,7 +109,7 @@ class ReIDDeployment:
         log = self.args.score_log
         self.buffer = ScoreBuffer(
             score_dsn,
-            limits=BufferLimits(log.max_buffered_rows, log.flush_rows, log.flush_interval_s, log.write_timeout_s),
+            limits=BufferLimits(**log.model_dump()),
             on_written=metrics.record_written,
             on_dropped=metrics.record_dropped,
         )

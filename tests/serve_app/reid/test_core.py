@@ -190,6 +190,55 @@ def test_score_buffer_keeps_rows_while_postgres_is_unreachable_and_counts_overfl
     assert db.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone() == {"n": 5}
 
 
+def test_score_buffer_writers_go_on_past_a_stuck_copy_and_close_writes_its_rows(
+    db: psycopg.Connection[Any], database_url: str
+) -> None:
+    """Two writers: while one COPY waits on a locked detection the other writes the rest; closing cancels the
+    stuck COPY, puts its rows back, and writes them once the lock is gone: every row exactly once."""
+    site = factories.site(db)
+    image = factories.image(db, camera_id=factories.camera(db, site_id=site))
+    deer = [factories.deer(db, site_id=site) for _ in range(10)]
+    dets = [factories.detection(db, image_id=image) for _ in range(20)]
+    rows = [
+        r
+        for d in dets
+        for r in score_rows(
+            d,
+            deer_ids=deer,
+            similarities=np.linspace(0.0, 0.9, 10),
+            threshold=0.5,
+            assigned_deer_id=None,
+            model_version="m",
+        )
+    ]
+
+    async def scenario() -> ScoreBuffer:
+        # flush_rows 50 = 5 detections per COPY; the first COPY holds the locked detection.
+        buffer = ScoreBuffer(database_url, limits=BufferLimits(flush_rows=50, write_timeout_s=30, writers=2))
+        async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+            await blocker.execute("SELECT 1 FROM detections WHERE id = %s FOR UPDATE", (dets[0],))
+            buffer.start()
+            buffer.add(rows)
+            for _ in range(200):
+                if buffer.stats.written == 150:
+                    break
+                await asyncio.sleep(0.05)
+            assert (buffer.stats.written, buffer.pending) == (150, 50)
+            closing = asyncio.create_task(buffer.close(timeout_s=20))
+            await asyncio.sleep(0.5)
+            assert not closing.done() and buffer.pending == 50
+            await blocker.rollback()
+            await closing
+        return buffer
+
+    buffer = asyncio.run(scenario())
+    assert (buffer.stats.written, buffer.stats.dropped, buffer.pending) == (200, 0, 0)
+    counts = db.execute(
+        "SELECT count(*) AS n, count(DISTINCT (detection_id, deer_id)) AS pairs FROM reid_similarity_scores"
+    ).fetchone()
+    assert counts == {"n": 200, "pairs": 200}
+
+
 def test_load_gallery_embeds_and_stores_missing_embeddings(db: psycopg.Connection[Any], embedder: Embedder) -> None:
     site = factories.site(db)
     cam = factories.camera(db, site_id=site)
