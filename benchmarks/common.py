@@ -149,12 +149,17 @@ def uvicorn_app(settings: Mapping[str, Any]) -> Iterator[str]:
             proc.kill()
 
 
+def ray_env() -> dict[str, str]:
+    """cluster/local/ray.env: the Serve and Ray settings cluster/local/up.sh starts the head with."""
+    lines = (ROOT / "cluster" / "local" / "ray.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
 @contextlib.contextmanager
 def serve_app(args: Mapping[str, Any], *, ready_path: str = "/readyz") -> Iterator[str]:
-    """The application on a local Ray with Serve's HAProxy ingress and throughput mode on."""
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")  # as cluster/local/up.sh
+    """The application on a local Ray with the local head's environment (cluster/local/ray.env)."""
+    for name, value in ray_env().items():
+        os.environ.setdefault(name, value)
     os.environ["PYTHONPATH"] = str(ROOT)
     import ray
     from ray import serve

@@ -33,11 +33,12 @@ echo "== development API key"
 "$PY" cluster/local/dev_key.py "$DATA/dev-api-key"
 
 echo "== ray head"
-export RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1
-# Throughput mode buffers 1,000 access-log records per replica and writes them in one go: a 20-40 ms
-# stall about once a second, the p99 of a request at one connection. One record at a time costs a few
-# microseconds per request and has no stall.
-export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}"
+# Serve and Ray tuning for this head (reasons in the file); a variable already set wins.
+while IFS='=' read -r name value; do
+    if [[ -n "$name" && "$name" != \#* && -z "${!name:-}" ]]; then
+        export "$name=$value"
+    fi
+done < cluster/local/ray.env
 # The local head listens on loopback only, so plain `ray status`, `ray job submit` and the dashboard
 # work as documented without a token. Set RAY_AUTH_MODE=token to require Ray's token (then export
 # the same variable wherever you run ray/serve commands). Clusters on Kubernetes use token auth.
