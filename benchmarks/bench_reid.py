@@ -22,17 +22,20 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psycopg
 from PIL import Image
 
 from benchmarks.common import bench_settings, prepare_database, serve_app, write_results
 from serve_app.reid.embedder import Embedder, ModelSpec
 from serve_app.reid.score_buffer import BufferLimits, ScoreBuffer
 from serve_app.reid.scores import ScoreRow, score_rows
-from serve_app.store.db import connect
+from serve_app.store.db import connect, drop_database, with_database
+from serve_app.store.migrate import apply_migrations
 
 BATCH = 32
 CLIENTS = 32
 PROFILES = 50
+SCORE_DB = "trailcam_bench_scores"  # the score log cases' scratch database, dropped after them
 # Intra-op threads of the ReID replica: Ray gives a num_cpus=1 actor one OpenMP thread; the raw case
 # runs with torch's default (all cores), so the replica gets the same count.
 TORCH_THREADS = os.cpu_count() or 1
@@ -164,15 +167,45 @@ async def drain(dsn: str, rows: list[ScoreRow], *, writers: int) -> float:
     return elapsed
 
 
-def score_case(dsn: str, uris: list[str], *, detections: int, insert_detections: int) -> list[dict[str, Any]]:
-    """The ScoreBuffer writes ``detections`` x 50 rows with its default writers, then with one; INSERT
-    ``insert_detections`` x 50 rows one by one."""
+def prefill_scores(conn: psycopg.Connection[Any], *, site: int, image: int, rows: int) -> None:
+    """``rows`` older score rows (50 per detection) for the site's deer, so each run writes into a table of
+    the same size: a score write costs more as the table's indexes grow."""
+    conn.execute(
+        "WITH dets AS (INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h)"
+        " SELECT %(image)s, 0.1, 0.1, 0.2, 0.2 FROM generate_series(1, %(n)s) RETURNING id)"
+        " INSERT INTO reid_similarity_scores (detection_id, deer_id, similarity, rank, threshold, matched,"
+        " model_version, source, computed_at)"
+        " SELECT d.id, e.id, random() * 1.1 - 0.2, row_number() OVER (PARTITION BY d.id ORDER BY e.id), 0.55,"
+        " false, 'bench', 'online', now() - interval '1 day' FROM dets d CROSS JOIN deer e WHERE e.site_id = %(site)s",
+        {"image": image, "n": rows // PROFILES, "site": site},
+    )
+    conn.execute("VACUUM ANALYZE reid_similarity_scores")
+
+
+def score_case(
+    base_dsn: str, uris: list[str], *, detections: int, insert_detections: int, table_rows: int
+) -> list[dict[str, Any]]:
+    """In a scratch database whose score table holds ``table_rows`` rows, the ScoreBuffer writes ``detections``
+    x 50 rows with its default writers, then with one; INSERT ``insert_detections`` x 50 rows one by one."""
+    dsn = with_database(base_dsn, SCORE_DB)
+    drop_database(dsn)
+    apply_migrations(dsn)
+    try:
+        return _score_case(dsn, uris, detections=detections, insert_detections=insert_detections, table_rows=table_rows)
+    finally:
+        drop_database(dsn)
+
+
+def _score_case(
+    dsn: str, uris: list[str], *, detections: int, insert_detections: int, table_rows: int
+) -> list[dict[str, Any]]:
     site, _cam = seed_site(dsn, uris, profiles=PROFILES)
     with connect(dsn, autocommit=True) as conn:
         deer = [r["id"] for r in conn.execute("SELECT id FROM deer WHERE site_id = %s ORDER BY id", (site,))]
         img = conn.execute(
             "SELECT d.image_id FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.site_id = %s LIMIT 1", (site,)
         ).fetchone()["image_id"]  # type: ignore[index]
+        prefill_scores(conn, site=site, image=int(str(img)), rows=table_rows)
         ids = [
             r["id"]
             for r in conn.execute(
@@ -181,7 +214,7 @@ def score_case(dsn: str, uris: list[str], *, detections: int, insert_detections:
                 (img, 2 * detections + insert_detections),
             ).fetchall()
         ]
-        table_rows = conn.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"]  # type: ignore[index]
+        rows_before = conn.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"]  # type: ignore[index]
     rng = np.random.default_rng(1)
 
     def rows_for(det: int) -> list[ScoreRow]:
@@ -228,9 +261,9 @@ def score_case(dsn: str, uris: list[str], *, detections: int, insert_detections:
             "target": None,
         },
         {
-            "case": "score table rows before the score log cases",
+            "case": "score table rows before the score log cases (scratch database)",
             "metric": "rows",
-            "value": float(table_rows),
+            "value": float(str(rows_before)),
             "unit": "rows",
             "target": None,
         },
@@ -269,13 +302,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--score-detections", type=int, default=2000, help="detections per COPY case")
     parser.add_argument("--insert-detections", type=int, default=200, help="detections logged row by row")
+    parser.add_argument(
+        "--score-table-rows", type=int, default=1_000_000, help="score rows already in the table the cases write to"
+    )
     args = parser.parse_args(argv)
     settings = bench_settings()
     key = prepare_database(settings)
     uris = synthetic_frames(Path(settings["image_root"]), 200)
     started = dt.datetime.now(dt.UTC)
     score_rows_out = score_case(
-        settings["database_url"], uris, detections=args.score_detections, insert_detections=args.insert_detections
+        settings["database_url"],
+        uris,
+        detections=args.score_detections,
+        insert_detections=args.insert_detections,
+        table_rows=args.score_table_rows,
     )
     rounds = serve_and_raw(
         settings, key, uris, duration_s=args.duration_s, raw_iterations=args.raw_iterations, rounds=args.rounds
