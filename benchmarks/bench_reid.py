@@ -167,10 +167,10 @@ async def drain(dsn: str, rows: list[ScoreRow], *, writers: int) -> float:
     return elapsed
 
 
-def prefill_scores(conn: psycopg.Connection[Any], *, site: int, image: int, rows: int) -> None:
+def prefill_scores(conn: psycopg.Connection[Any], *, site: int, image: int, rows: int) -> int:
     """``rows`` older score rows (50 per detection) for the site's deer, so each run writes into a table of
-    the same size: a score write costs more as the table's indexes grow."""
-    conn.execute(
+    the same size: a score write costs more as the table's indexes grow. Returns the rows written."""
+    written = conn.execute(
         "WITH dets AS (INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h)"
         " SELECT %(image)s, 0.1, 0.1, 0.2, 0.2 FROM generate_series(1, %(n)s) RETURNING id)"
         " INSERT INTO reid_similarity_scores (detection_id, deer_id, similarity, rank, threshold, matched,"
@@ -178,8 +178,9 @@ def prefill_scores(conn: psycopg.Connection[Any], *, site: int, image: int, rows
         " SELECT d.id, e.id, random() * 1.1 - 0.2, row_number() OVER (PARTITION BY d.id ORDER BY e.id), 0.55,"
         " false, 'bench', 'online', now() - interval '1 day' FROM dets d CROSS JOIN deer e WHERE e.site_id = %(site)s",
         {"image": image, "n": rows // PROFILES, "site": site},
-    )
+    ).rowcount
     conn.execute("VACUUM ANALYZE reid_similarity_scores")
+    return written
 
 
 def score_case(
@@ -205,7 +206,7 @@ def _score_case(
         img = conn.execute(
             "SELECT d.image_id FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.site_id = %s LIMIT 1", (site,)
         ).fetchone()["image_id"]  # type: ignore[index]
-        prefill_scores(conn, site=site, image=int(str(img)), rows=table_rows)
+        rows_before = prefill_scores(conn, site=site, image=int(str(img)), rows=table_rows)  # the only scores
         ids = [
             r["id"]
             for r in conn.execute(
@@ -214,7 +215,6 @@ def _score_case(
                 (img, 2 * detections + insert_detections),
             ).fetchall()
         ]
-        rows_before = conn.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"]  # type: ignore[index]
     rng = np.random.default_rng(1)
 
     def rows_for(det: int) -> list[ScoreRow]:
@@ -263,7 +263,7 @@ def _score_case(
         {
             "case": "score table rows before the score log cases (scratch database)",
             "metric": "rows",
-            "value": float(str(rows_before)),
+            "value": float(rows_before),
             "unit": "rows",
             "target": None,
         },
