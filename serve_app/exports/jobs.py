@@ -160,14 +160,9 @@ class JobStore:
         return job if job is not None and job.owner == owner else None
 
     async def delete(self, job_id: str, *, owner: int) -> Job | None:
-        """Remove the job (any status) when that key created it; returns what it was."""
+        """Remove the job (any status) and its Idempotency-Key mapping in one script; returns what it was."""
         flat = await self._delete(keys=[scripts.job_key(job_id), scripts.ACTIVE_KEY], args=[job_id, owner])
-        if not flat:
-            return None
-        job = _job_from_flat(job_id, flat)
-        if job.fields.get("idempotency_key"):
-            await self._redis.delete(job.fields["idempotency_key"])
-        return job
+        return _job_from_flat(job_id, flat) if flat else None
 
     async def fail(self, job_id: str, *, error: str) -> bool:
         """processing -> failed; False when the job was not processing."""

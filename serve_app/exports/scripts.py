@@ -105,12 +105,19 @@ return out
 """
 )
 
-# KEYS: job, active. ARGV: job id, owner. Deletes the job when that owner created it and
-# returns its fields; {} when it does not exist or belongs to another key (no delete).
+# KEYS: job, active. ARGV: job id, owner. Deletes the job when that owner created it, and its
+# Idempotency-Key mapping while that still names this job, so a retry can never land between the
+# two (and a mapping a retry already moved to a newer job stays). The mapping's name is read
+# from the job hash: the caller does not know the header. Returns the job's fields; {} when it
+# does not exist or belongs to another key (no delete).
 DELETE = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or owner ~= ARGV[2] then return {} end
 local out = redis.call('HGETALL', KEYS[1])
+local mapping = redis.call('HGET', KEYS[1], 'idempotency_key')
+if mapping and mapping ~= '' and redis.call('HGET', mapping, 'job_id') == ARGV[1] then
+  redis.call('DEL', mapping)
+end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return out
