@@ -100,35 +100,58 @@ def image_uri(params: DemoParams, frame: Frame) -> str:
     return f"demo-{params.signature()}/cam{frame.camera + 1:02d}/{frame.index:05d}.jpg"
 
 
-def _already_loaded(conn: psycopg.Connection[Any], params: DemoParams) -> bool:
-    row = conn.execute(
-        "SELECT count(*) AS n FROM images i JOIN cameras c ON c.id = i.camera_id JOIN sites s ON s.id = c.site_id"
-        " WHERE s.name LIKE %s",
+def _stored_capture_times(conn: psycopg.Connection[Any], params: DemoParams) -> dict[str, dt.datetime]:
+    """URI -> captured_at of this data set's image rows (the hour decides a frame's day or night look)."""
+    rows = conn.execute(
+        "SELECT i.uri, i.captured_at FROM images i JOIN cameras c ON c.id = i.camera_id"
+        " JOIN sites s ON s.id = c.site_id WHERE s.name LIKE %s",
         (f"{SITE_PREFIX} % [{params.signature()}]",),
-    ).fetchone()
-    return bool(row and row["n"] == params.images)
+    ).fetchall()
+    return {str(r["uri"]): r["captured_at"] for r in rows}
+
+
+def _render_all(
+    jobs: list[tuple[int, Frame, int, str]], *, workers: int | None
+) -> dict[int, tuple[float, float, float, float]]:
+    """Render frames in worker processes; returns each frame's bbox by frame index."""
+    bboxes: dict[int, tuple[float, float, float, float]] = {}
+    if not jobs:
+        return bboxes
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for done, (index, bbox) in enumerate(pool.map(_render, jobs, chunksize=16), start=1):
+            bboxes[index] = bbox
+            if done % 500 == 0:
+                logger.info("rendered %d/%d frames", done, len(jobs))
+    return bboxes
 
 
 def load_demo(dsn: str, *, image_root: Path, params: DemoParams, workers: int | None = None) -> dict[str, Any]:
-    """Render the frames and write the rows; a no-op when this data set is already loaded."""
+    """Render the frames and write the rows; when the rows are there already, render only missing files.
+
+    Rows alone are not enough: ``.data/`` may have been removed, or another checkout with another
+    image root loaded the same set into this database. Frames are deterministic, so a missing file
+    is rendered again from the plan and its stored capture time; present files are only stat-ed.
+    """
     image_root = image_root.resolve()
     anchor = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    frames = plan(params)
     with connect(dsn) as conn:
-        if _already_loaded(conn, params):
-            logger.info("demo data set %s already loaded", params.signature())
-            return {"loaded": False, "signature": params.signature()}
-        frames = plan(params)
+        stored = _stored_capture_times(conn, params)
+        if len(stored) == params.images and all(image_uri(params, f) in stored for f in frames):
+            jobs = [
+                (params.seed, f, stored[uri].astimezone(dt.UTC).hour, str(image_root / uri))
+                for f in frames
+                if not (image_root / (uri := image_uri(params, f))).is_file()
+            ]
+            _render_all(jobs, workers=workers)
+            logger.info("demo data set %s already loaded; rendered %d missing file(s)", params.signature(), len(jobs))
+            return {"loaded": False, "signature": params.signature(), "images": params.images, "rendered": len(jobs)}
         captured = [anchor - dt.timedelta(seconds=f.offset_s) for f in frames]
         jobs = [(params.seed, f, captured[f.index].hour, str(image_root / image_uri(params, f))) for f in frames]
-        bboxes: dict[int, tuple[float, float, float, float]] = {}
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            for done, (index, bbox) in enumerate(pool.map(_render, jobs, chunksize=16), start=1):
-                bboxes[index] = bbox
-                if done % 500 == 0:
-                    logger.info("rendered %d/%d frames", done, len(jobs))
+        bboxes = _render_all(jobs, workers=workers)
         _write_rows(conn, params, frames, captured, bboxes)
         conn.commit()
-    return {"loaded": True, "signature": params.signature(), "images": params.images}
+    return {"loaded": True, "signature": params.signature(), "images": params.images, "rendered": len(jobs)}
 
 
 def _write_rows(
@@ -228,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    state = "loaded" if result["loaded"] else "already loaded, nothing to do"
+    state = "loaded" if result["loaded"] else f"already loaded, {result['rendered']} missing image file(s) rendered"
     print(f"demo data set {result['signature']}: {state}")
     return 0
 

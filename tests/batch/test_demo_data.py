@@ -104,3 +104,41 @@ def test_a_set_missing_rows_is_loaded_again_whole(
     assert load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)["loaded"] is True
     assert _rows(db) == rows
     assert db.execute("SELECT count(*) AS n FROM sites").fetchone()["n"] == PARAMS.sites
+
+
+def _table_rows(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        table: [tuple(r.values()) for r in conn.execute(f"SELECT * FROM {table} ORDER BY 1")]
+        for table in ("sites", "cameras", "deer", "images", "detections", "demo_ground_truth")
+    }
+
+
+def test_a_loaded_set_whose_files_were_removed_gets_them_back(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """`rm -rf .data` (or another checkout's image root) with the rows still in Postgres: the files come back."""
+    load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)
+    digests = _digests(tmp_path)
+    rows = _table_rows(db)
+    removed = sorted(tmp_path.rglob("*.jpg"))[::3]
+    for path in removed:
+        path.unlink()
+    result = load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)
+    assert _digests(tmp_path) == digests  # the same bytes as the first load
+    assert result["loaded"] is False and result["rendered"] == len(removed)
+    assert _table_rows(db) == rows
+
+    elsewhere = tmp_path / "other-checkout"
+    result = load_demo(database_url, image_root=elsewhere, params=PARAMS, workers=2)
+    assert result["rendered"] == PARAMS.images
+    assert _digests(elsewhere) == digests
+    assert _table_rows(db) == rows
+
+
+def test_a_complete_set_renders_nothing_again(database_url: str, db: psycopg.Connection[Any], tmp_path: Path) -> None:
+    first = load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)
+    assert first["rendered"] == PARAMS.images
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.jpg")}
+    again = load_demo(database_url, image_root=tmp_path, params=PARAMS, workers=2)
+    assert again == {"loaded": False, "signature": PARAMS.signature(), "images": PARAMS.images, "rendered": 0}
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.jpg")} == mtimes
