@@ -13,6 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -155,29 +156,64 @@ def ray_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
 
 
+def private_haproxy_env(state_dir: Path) -> dict[str, str]:
+    """Serve HAProxy settings of this process's own Ray: free metrics and stats ports, files under ``state_dir``.
+
+    `make run`'s HAProxy already holds Ray's default metrics (9101) and stats (8404) ports; a second
+    HAProxy on the same ones exits with "Some protocols failed to start their listeners".
+    """
+    return {
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state_dir / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state_dir / "server-state"),
+    }
+
+
 @contextlib.contextmanager
-def serve_app(args: Mapping[str, Any], *, ready_path: str = "/readyz") -> Iterator[str]:
-    """The application on a local Ray with the local head's environment (cluster/local/ray.env)."""
+def local_serve() -> Iterator[int]:
+    """Serve on a new local Ray with the local head's environment (cluster/local/ray.env); yields the HTTP port.
+
+    The Ray is always a new one (``address="local"``, even with RAY_ADDRESS set: a benchmark must
+    never redeploy `make run`'s app), and its HAProxy gets its own ports and files, so benchmarks
+    run beside a running app.
+    """
     for name, value in ray_env().items():
         os.environ.setdefault(name, value)
+    # Short: HAProxy's unix sockets go under <dir>/<56-character node id>/ (sun_path holds 107 bytes).
+    state_dir = Path(tempfile.mkdtemp(prefix="tcb-"))
+    os.environ.update(private_haproxy_env(state_dir))
     os.environ["PYTHONPATH"] = str(ROOT)
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
-
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(dict(args)), name="trailcam", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + ready_path)
-        yield url
+        yield port
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve_app(args: Mapping[str, Any], *, ready_path: str = "/readyz") -> Iterator[str]:
+    """The application on :func:`local_serve`, yielding its base URL once ``ready_path`` answers 200."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    with local_serve() as port:
+        serve.run(build_app(dict(args)), name="trailcam", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + ready_path)
+        yield url
 
 
 def load(
