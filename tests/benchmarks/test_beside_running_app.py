@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fixtures.ray_cluster import free_port
@@ -100,8 +101,6 @@ def running_app(haproxy_env: dict[str, str]) -> Iterator[int]:
 
 @pytest.mark.slow
 def test_benchmark_serve_starts_beside_a_running_app(running_app: int, haproxy_env: dict[str, str]) -> None:
-    import httpx
-
     bench = subprocess.run(
         [sys.executable, "-c", BENCHMARK_SIDE],
         cwd=ROOT,
