@@ -154,6 +154,17 @@ def load_demo(dsn: str, *, image_root: Path, params: DemoParams, workers: int | 
     return {"loaded": True, "signature": params.signature(), "images": params.images, "rendered": len(jobs)}
 
 
+def _reserve_ids(conn: psycopg.Connection[Any], table: str, count: int) -> int:
+    """The first of ``count`` new ids from the table's sequence: an id audit rows keep is never reused."""
+    row = conn.execute(
+        "SELECT setval(pg_get_serial_sequence(%(t)s, 'id'), nextval(pg_get_serial_sequence(%(t)s, 'id')) + %(n)s - 1)"
+        " - %(n)s + 1 AS first",
+        {"t": table, "n": count},
+    ).fetchone()
+    assert row is not None
+    return int(row["first"])
+
+
 def _write_rows(
     conn: psycopg.Connection[Any],
     params: DemoParams,
@@ -162,9 +173,8 @@ def _write_rows(
     bboxes: dict[int, tuple[float, float, float, float]],
 ) -> None:
     sig = params.signature()
-    # A partial earlier load is replaced whole. Its deer are checked at commit, when their detections,
-    # merges and review events are gone with the site too.
-    conn.execute("SET CONSTRAINTS ALL DEFERRED")
+    # A partial earlier load is replaced whole: a plain site delete takes its detections, merges and all
+    # (migration 007); the review events about them stay.
     conn.execute("DELETE FROM sites WHERE name LIKE %s", (f"{SITE_PREFIX} % [{sig}]",))
     site_ids = []
     for s in range(params.sites):
@@ -190,14 +200,13 @@ def _write_rows(
             ),
         )
         deer_ids.append(int(row.fetchone()["id"]))  # type: ignore[index]
-    first_image = conn.execute("SELECT coalesce(max(id), 0) + 1 AS n FROM images").fetchone()["n"]  # type: ignore[index]
+    first_image = _reserve_ids(conn, "images", len(frames))
     with conn.cursor().copy("COPY images (id, camera_id, uri, captured_at, width, height) FROM STDIN") as copy:
         for f in frames:
             copy.write_row(
                 (first_image + f.index, camera_ids[f.camera], image_uri(params, f), captured[f.index], 1280, 720)
             )
-    conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
-    first_det = conn.execute("SELECT coalesce(max(id), 0) + 1 AS n FROM detections").fetchone()["n"]  # type: ignore[index]
+    first_det = _reserve_ids(conn, "detections", len(frames))
     gallery_left = dict.fromkeys(range(params.deer), GALLERY_PER_DEER)
     with conn.cursor().copy(
         "COPY detections (id, image_id, bbox_x, bbox_y, bbox_w, bbox_h, confidence, deer_id, decision) FROM STDIN"
@@ -220,7 +229,6 @@ def _write_rows(
                     "manual" if manual else "unassigned",
                 )
             )
-    conn.execute("SELECT setval(pg_get_serial_sequence('detections', 'id'), (SELECT max(id) FROM detections))")
     with conn.cursor().copy("COPY demo_ground_truth (detection_id, individual, deer_id) FROM STDIN") as copy:
         for f in frames:
             profile = deer_ids[f.individual] if f.individual < params.deer else None

@@ -125,8 +125,16 @@ async def merge_deer(deer_id: int, body: MergeIn, resources: ResourcesDep, princ
         moved = await conn.execute("UPDATE detections SET deer_id = %s WHERE deer_id = %s", (body.into, deer_id))
         await conn.execute("UPDATE deer SET merged_into = %s WHERE id = %s", (body.into, deer_id))
         await conn.execute(
-            "INSERT INTO review_events (deer_id, action, from_deer_id, to_deer_id, api_key_id, actor, note)"
-            " VALUES (%s, 'merge', %s, %s, %s, %s, %s)",
-            (body.into, deer_id, body.into, principal.key_id, f"api-key:{principal.key_id}", body.note),
+            "INSERT INTO review_events (site_id, deer_id, action, from_deer_id, to_deer_id, api_key_id, actor, note)"
+            " VALUES (%s, %s, 'merge', %s, %s, %s, %s, %s)",
+            (
+                source["site_id"],
+                body.into,
+                deer_id,
+                body.into,
+                principal.key_id,
+                f"api-key:{principal.key_id}",
+                body.note,
+            ),
         )
     return {"deer_id": deer_id, "merged_into": body.into, "detections_moved": moved.rowcount}

@@ -1,11 +1,14 @@
 """Apply the numbered SQL migrations in order, each in its own transaction.
 
-Run as ``python -m serve_app.store.migrate``; creates the database when it is missing.
+Run as ``python -m serve_app.store.migrate``; creates the database when it is missing. Migrations are
+append-only: each applied file's SHA-256 is recorded, and a file renamed or edited after it was applied is
+refused (the change belongs in a new numbered file).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -23,6 +26,9 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 # One advisory lock id so two migrators (two `make run`s, parallel tests) never interleave.
 _LOCK_ID = 0x7472_6169_6C63
+# Applied under a name the folder no longer has, before renames were refused: ff89717 renamed the first 006 and
+# rewrote it under the same number; 007 brings a database that applied the old text to today's schema.
+RENAMED = {(6, "006_site_delete_bumps.sql"): "006_site_delete.sql"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,14 @@ class Migration:
     version: int
     name: str
     path: Path
+
+    def sql(self) -> bytes:
+        """The file's statements."""
+        return self.path.read_bytes()
+
+    def checksum(self) -> str:
+        """SHA-256 of the file, recorded when it is applied."""
+        return hashlib.sha256(self.sql()).hexdigest()
 
 
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
@@ -48,6 +62,17 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def check_unchanged(migration: Migration, *, name: str, checksum: str | None) -> None:
+    """Refuse a migration file renamed or edited since it was applied (as ``name`` with ``checksum``)."""
+    rule = "never edit or rename an applied migration; put the change in a new numbered file"
+    if name != migration.name and RENAMED.get((migration.version, name)) != migration.name:
+        raise MigrationError(
+            f"migration {migration.version} was applied as {name}, the folder has {migration.name}: {rule}"
+        )
+    if checksum is not None and checksum != migration.checksum():
+        raise MigrationError(f"{migration.name} was edited after it was applied: {rule}")
+
+
 def apply_migrations(dsn: str, *, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Apply every pending migration; returns the names applied (empty when up to date)."""
     ensure_database(dsn)
@@ -60,16 +85,22 @@ def apply_migrations(dsn: str, *, directory: Path = MIGRATIONS_DIR) -> list[str]
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            # NULL for migrations applied before checksums were recorded: those are trusted as they are.
+            conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text")
+            done = {
+                row[0]: (row[1], row[2])
+                for row in conn.execute("SELECT version, name, checksum FROM schema_migrations")
+            }
             for migration in discover(directory):
                 if migration.version in done:
+                    check_unchanged(migration, name=done[migration.version][0], checksum=done[migration.version][1])
                     continue
                 try:
                     with conn.transaction():
-                        conn.execute(migration.path.read_text().encode())
+                        conn.execute(migration.sql())
                         conn.execute(
-                            "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                            (migration.version, migration.name),
+                            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (migration.version, migration.name, migration.checksum()),
                         )
                 except psycopg.Error as exc:
                     raise MigrationError(f"{migration.name} failed: {exc}") from exc

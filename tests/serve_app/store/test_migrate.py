@@ -1,8 +1,9 @@
-"""Migrations: applied in order once, recorded, and the analysis indexes exist with their comments."""
+"""Migrations: applied in order once, recorded, never edited once applied; old databases upgrade to today's schema."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 from serve_app.errors import MigrationError
+from serve_app.store.db import connect, database_name, drop_database, with_database
 from serve_app.store.migrate import MIGRATIONS_DIR, apply_migrations, discover
 from tests import factories
 
@@ -150,3 +152,119 @@ def test_a_detection_deleted_while_its_scores_are_written_takes_them_along(
         deleter.execute("SET statement_timeout = 0")
         deleter.execute("DELETE FROM detections WHERE id = %s", (det,))
     assert _scores(db) == set()
+
+
+# Migration files as main once shipped them (tests/serve_app/store/historical_migrations/, copied from git so
+# the tests need no git): each state is a database some checkout may have migrated and must upgrade from.
+HISTORY = Path(__file__).with_name("historical_migrations")
+HISTORICAL_STATES = {
+    # 60f190e: the first 005 and the 006 that ff89717 renamed and rewrote under the same number.
+    "60f190e": {"005_score_reference_checks.sql": "005_score_reference_checks.60f190e.sql",
+                "006_site_delete_bumps.sql": "006_site_delete_bumps.60f190e.sql"},
+    "ff89717": {"005_score_reference_checks.sql": "005_score_reference_checks.60f190e.sql",
+                "006_site_delete.sql": "006_site_delete.ff89717.sql"},
+    "74fb0fa": {"005_score_reference_checks.sql": "005_score_reference_checks.74fb0fa.sql",
+                "006_site_delete.sql": "006_site_delete.ff89717.sql"},
+    "old-006-over-today's-005": {"006_site_delete_bumps.sql": "006_site_delete_bumps.60f190e.sql"},
+}  # fmt: skip
+
+SCHEMA_QUERIES = {
+    "columns": """
+        SELECT c.relname, array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                    || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END
+                                    || coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), '')
+                                    || coalesce(' IDENTITY ' || nullif(a.attidentity::text, ''), '') ORDER BY a.attnum)
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+          AND a.attnum > 0 AND NOT a.attisdropped
+        GROUP BY c.relname""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), condeferrable, condeferred
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace""",
+    "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'",
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid), tgenabled::text
+        FROM pg_trigger WHERE NOT tgisinternal""",
+    "functions": """
+        SELECT proname, pg_get_function_identity_arguments(oid), pg_get_functiondef(oid)
+        FROM pg_proc WHERE pronamespace = 'public'::regnamespace""",
+    "sequences": "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'S'",
+}
+
+
+def _schema(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Everything pg_catalog says about the public schema (rows sorted, so two databases compare)."""
+    with psycopg.connect(dsn) as conn:
+        return {
+            name: sorted(tuple(tuple(v) if isinstance(v, list) else v for v in row) for row in conn.execute(query))
+            for name, query in SCHEMA_QUERIES.items()
+        }
+
+
+@pytest.fixture
+def scratch_dsns(database_url: str) -> Iterator[Callable[[str], str]]:
+    """Fresh database names next to the session's; dropped at the end."""
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        made.append(with_database(database_url, f"{database_name(database_url)}_{suffix}"))
+        return made[-1]
+
+    yield make
+    for dsn in made:
+        drop_database(dsn)
+
+
+@pytest.mark.parametrize("state", sorted(HISTORICAL_STATES))
+def test_a_database_migrated_by_an_earlier_main_upgrades_to_the_same_schema(
+    state: str, scratch_dsns: Callable[[str], str], tmp_path: Path
+) -> None:
+    old_files = HISTORICAL_STATES[state]
+    for migration in discover():
+        if migration.version <= 6 and not any(n[:3] == migration.name[:3] for n in old_files):
+            (tmp_path / migration.name).write_text(migration.path.read_text())
+    for name, stored in old_files.items():
+        (tmp_path / name).write_text((HISTORY / stored).read_text())
+    fresh, upgraded = scratch_dsns("fresh"), scratch_dsns("upgraded")
+    apply_migrations(fresh)
+    assert apply_migrations(upgraded, directory=tmp_path)[-1] in old_files | {"006_site_delete.sql": ""}
+    with connect(upgraded, autocommit=True) as conn:
+        conn.execute("ALTER TABLE schema_migrations DROP COLUMN checksum")  # the runner of that time kept none
+        site = factories.site(conn)
+        kept, merged = factories.deer(conn, site_id=site), factories.deer(conn, site_id=site)
+        det = factories.detection(conn, image_id=factories.image(conn, camera_id=factories.camera(conn, site_id=site)))
+        conn.execute(
+            "INSERT INTO review_events (detection_id, deer_id, action, actor) VALUES (%s, %s, 'assign', 'a'),"
+            " (NULL, %s, 'merge', 'a')",
+            (det, kept, kept),
+        )
+        conn.execute("UPDATE deer SET merged_into = %s WHERE id = %s", (kept, merged))
+    applied = apply_migrations(upgraded)
+    assert applied and all(int(name[:3]) > 6 for name in applied)
+    with connect(upgraded) as conn:
+        events = conn.execute("SELECT action, site_id FROM review_events ORDER BY id").fetchall()
+        assert events == [{"action": "assign", "site_id": site}, {"action": "merge", "site_id": site}]
+        conn.execute("DELETE FROM sites WHERE id = %s", (site,))
+    have, want = _schema(upgraded), _schema(fresh)
+    for kind in SCHEMA_QUERIES:
+        assert set(have[kind]) ^ set(want[kind]) == set(), kind
+        assert have[kind] == want[kind], kind
+
+
+def test_an_applied_migration_that_was_edited_is_refused(database_url: str, tmp_path: Path) -> None:
+    for m in discover():
+        (tmp_path / m.name).write_text(m.path.read_text())
+    last = discover()[-1]
+    (tmp_path / last.name).write_text(last.path.read_text() + "\n-- an edit after the fact\n")
+    with pytest.raises(MigrationError, match=rf"{last.name} was edited after it was applied"):
+        apply_migrations(database_url, directory=tmp_path)
+
+
+def test_an_applied_migration_that_was_renamed_is_refused(database_url: str, tmp_path: Path) -> None:
+    for m in discover():
+        (tmp_path / m.name).write_text(m.path.read_text())
+    last = discover()[-1]
+    (tmp_path / last.name).rename(tmp_path / f"{last.version:03d}_another_name.sql")
+    with pytest.raises(MigrationError, match=rf"applied as {last.name}"):
+        apply_migrations(database_url, directory=tmp_path)
