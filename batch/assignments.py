@@ -20,7 +20,8 @@ WHERE id = ANY(%s) AND decision <> 'manual'
 ORDER BY id FOR UPDATE
 """
 UPDATE_SQL = """
-UPDATE detections AS d SET deer_id = u.deer_id, decision = u.decision, top1_similarity = u.top1
+UPDATE detections AS d SET deer_id = u.deer_id, decision = u.decision, top1_similarity = u.top1,
+                           model_version = coalesce(%s, d.model_version)
 FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::float8[]) AS u(id, deer_id, decision, top1)
 WHERE d.id = u.id AND d.decision <> 'manual'
 """
@@ -34,9 +35,17 @@ FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])
 
 
 def apply_assignments(
-    cur: psycopg.Cursor[Any], results: Sequence[Scored], *, thresholds: Thresholds, run_id: uuid.UUID
+    cur: psycopg.Cursor[Any],
+    results: Sequence[Scored],
+    *,
+    thresholds: Thresholds,
+    run_id: uuid.UUID,
+    model_version: str | None = None,
 ) -> int:
-    """Update the non-manual detections among ``results``; returns how many changed deer or decision."""
+    """Update the non-manual detections among ``results``; returns how many changed deer or decision.
+
+    Each one re-decided carries ``model_version`` (the run's model) from now on; None leaves the column as it is.
+    """
     by_id = {r.detection_id: r for r in results if r.deer_ids}
     if not by_id:
         return 0
@@ -53,7 +62,7 @@ def apply_assignments(
         top1s.append(top[1] if top else None)
         if new_deer != old_deer or decision != old_decision:
             changed.append((det_id, old_deer, new_deer, old_decision, decision))
-    cur.execute(UPDATE_SQL, (ids, deer, decisions, top1s))
+    cur.execute(UPDATE_SQL, (model_version, ids, deer, decisions, top1s))
     if changed:
         columns = list(zip(*changed, strict=True))
         cur.execute(

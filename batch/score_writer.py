@@ -80,7 +80,11 @@ def write_block(
                 STORE_EMBEDDINGS_SQL,
                 (model_version, [r.detection_id for r in stored], [r.embedding for r in stored]),
             )
-        reassigned = apply_assignments(cur, ok, thresholds=thresholds, run_id=run_id) if assign else 0
+        reassigned = (
+            apply_assignments(cur, ok, thresholds=thresholds, run_id=run_id, model_version=model_version)
+            if assign
+            else 0
+        )
         cur.execute(
             PROGRESS_SQL,
             {"done": new_done, "failed": len(results) - len(ok), "rows": len(inserted), "run_id": run_id},

@@ -23,8 +23,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_CAP_PER_DEER = 20
 """Gallery detections kept per deer profile (newest first)."""
 
+# The model that made a stored embedding: the gallery refresh records it in embedding_model_version; NULL
+# means the decision's model, which the online path stores together with the embedding.
 GALLERY_SQL = """
-SELECT deer.id AS deer_id, deer.name, d.id AS detection_id, d.embedding, d.model_version,
+SELECT deer.id AS deer_id, deer.name, d.id AS detection_id, d.embedding,
+       coalesce(d.embedding_model_version, d.model_version) AS embedding_model_version,
        i.uri, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h
 FROM deer
 JOIN LATERAL (
@@ -37,8 +40,10 @@ ORDER BY deer.id, d.created_at DESC, d.id DESC
 
 VERSIONS_SQL = "SELECT site_id, version FROM gallery_versions WHERE site_id = ANY(%s)"
 
+# model_version stays the model that made the detection's decision (Camtrap DP classifiedBy, the scores the
+# review queue shows); only the embedding's model changes.
 STORE_EMBEDDINGS_SQL = """
-UPDATE detections AS d SET embedding = u.embedding, model_version = %s
+UPDATE detections AS d SET embedding = u.embedding, embedding_model_version = %s
 FROM unnest(%s::bigint[], %s::bytea[]) AS u(id, embedding) WHERE d.id = u.id
 """
 
@@ -58,7 +63,7 @@ class GalleryRow:
     def from_record(cls, record: dict[str, Any], *, model_version: str) -> GalleryRow:
         """A row from a dict record; the embedding is kept only when it was made by ``model_version``."""
         raw = record["embedding"]
-        usable = raw is not None and record["model_version"] == model_version
+        usable = raw is not None and record["embedding_model_version"] == model_version
         return cls(
             deer_id=int(record["deer_id"]),
             name=str(record["name"]),

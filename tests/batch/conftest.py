@@ -56,7 +56,7 @@ def reset_scores(dsn: str) -> None:
             "UPDATE detections SET deer_id = NULL, decision = 'unassigned', top1_similarity = NULL"
             " WHERE decision <> 'manual'"
         )
-        conn.execute("UPDATE detections SET embedding = NULL, model_version = NULL")
+        conn.execute("UPDATE detections SET embedding = NULL, model_version = NULL, embedding_model_version = NULL")
 
 
 @pytest.fixture

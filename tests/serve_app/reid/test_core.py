@@ -256,6 +256,7 @@ def test_load_gallery_embeds_and_stores_missing_embeddings(db: psycopg.Connectio
     again = load_gallery(db, site, model_version=embedder.model_version, embed_missing=embed_missing)
     assert calls == [3] and again.embeddings.shape == (3, 512)
     stored = db.execute(
-        "SELECT count(*) AS n FROM detections WHERE id = ANY(%s) AND model_version = %s", (dets, embedder.model_version)
+        "SELECT count(*) AS n FROM detections WHERE id = ANY(%s) AND embedding_model_version = %s",
+        (dets, embedder.model_version),
     ).fetchone()
     assert stored == {"n": 3}
