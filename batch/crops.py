@@ -8,12 +8,12 @@ large frames, with scores that differ slightly from the online path's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from serve_app.paths import PathRefused, confine
 from serve_app.reid.preprocessing import BBox, crop, crop_box_px
 
 DRAFT_SCALES = (8, 4, 2)
@@ -25,11 +25,11 @@ class UnreadableImage(OSError):
 
 
 def image_path(uri: str, *, root: Path) -> Path:
-    """The real path of an image URI (relative to ``root`` or absolute under it); refuses anything outside."""
-    real_root = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(uri if os.path.isabs(uri) else real_root / uri))
-    if real_root not in real.parents:
-        raise UnreadableImage(f"image URI {uri!r} is outside the image root")
+    """The real path of a stored image URI under ``root`` (the API's confinement rule, :func:`confine`)."""
+    try:
+        real, _ = confine(uri, root=root)
+    except PathRefused as exc:
+        raise UnreadableImage(f"image URI {uri[:200]!r} refused: {exc}") from exc
     return real
 
 

@@ -5,9 +5,10 @@
 The package is validated first against the standard's table schemas; an invalid package is rejected
 with a report and nothing is written. Media with a local file (under --media-root, by fileName or
 relative filePath) are copied under the image root and become images; other media are skipped
-(nothing is fetched). Media-level animal observations with a bounding box on an imported image become
-detections; an individualID becomes a deer profile of the site with a manual assignment. Importing the
-same package twice adds nothing.
+(nothing is fetched); a mediaID that is not a plain file name (``..``, ``/``, too long) refuses the
+package before anything is written. Media-level animal observations with a bounding box on an imported
+image become detections; an individualID becomes a deer profile of the site with a manual assignment.
+Importing the same package twice adds nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import psycopg
@@ -29,6 +30,7 @@ from psycopg.rows import dict_row
 
 from batch.camtrap_validation import PackageRejected, SchemasMissing, validate_package
 from serve_app.config import get_settings
+from serve_app.paths import PathRefused, confine
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +65,53 @@ def _timestamp(text: str) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+class UnsafePaths(PackageRejected):
+    """A package whose media IDs would put files outside their folder under the image root."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.args = (f"package names media that cannot be stored safely ({len(problems)} problem(s))",)
+
+
 def _local_file(media: dict[str, str], media_root: Path) -> Path | None:
+    """The medium's file under ``media_root`` (by relative filePath or fileName), by the one confinement rule."""
     for candidate in (media.get("filePath", ""), media.get("fileName", "")):
-        if candidate and "://" not in candidate:
-            path = (media_root / candidate).resolve()
-            if media_root.resolve() in path.parents and path.is_file():
+        try:
+            path, _ = confine(candidate, root=media_root)
+            if path.is_file():
                 return path
+        except (PathRefused, OSError):
+            continue
     return None
+
+
+def _destination(media: dict[str, str], source: Path, *, package_key: str, image_root: Path) -> tuple[Path, str]:
+    """Where a medium's file is stored and its image URI: ``camtrap/<package>/<mediaID><suffix>``, confined."""
+    folder = f"{IMPORT_DIR}/{package_key}"
+    path, uri = confine(f"{folder}/{media['mediaID']}{source.suffix.lower() or '.jpg'}", root=image_root)
+    if PurePosixPath(uri).parent != PurePosixPath(folder):
+        raise PathRefused("outside", "the mediaID must be a plain file name")
+    return path, uri
+
+
+def _media_plan(
+    folder: Path, descriptor: dict[str, Any], *, media_root: Path, image_root: Path, package_key: str
+) -> list[tuple[dict[str, str], Path | None, Path, str]]:
+    """Every medium with its local file (or None), destination and URI; refuses the package before any write."""
+    plan: list[tuple[dict[str, str], Path | None, Path, str]] = []
+    problems = []
+    for row, media in enumerate(_rows(folder, descriptor, "media"), start=2):
+        source = _local_file(media, media_root)
+        if source is None:
+            plan.append((media, None, image_root, ""))
+            continue
+        try:
+            plan.append((media, source, *_destination(media, source, package_key=package_key, image_root=image_root)))
+        except PathRefused as exc:
+            problems.append(f"media row {row} field mediaID {media['mediaID'][:80]!r}: {exc}")
+    if problems:
+        raise UnsafePaths(problems)
+    return plan
 
 
 def _bbox(obs: dict[str, str]) -> tuple[float, float, float, float] | None:
@@ -101,7 +143,7 @@ def import_package(
     descriptor = validate_package(folder, schema_dir=schema_dir)
     summary = ImportSummary()
     package_key = str(descriptor.get("id") or descriptor.get("name") or folder.name).replace("/", "_")
-    target_dir = image_root.resolve() / IMPORT_DIR / package_key
+    plan = _media_plan(folder, descriptor, media_root=media_root, image_root=image_root, package_key=package_key)
     with psycopg.connect(dsn, row_factory=dict_row) as conn, conn.transaction():
         name = site_name or str(descriptor.get("title") or descriptor.get("name") or folder.name)
         summary.site_id = _id(
@@ -120,12 +162,10 @@ def import_package(
             )
         summary.cameras = len(cameras)
         images: dict[str, int] = {}
-        for media in _rows(folder, descriptor, "media"):
-            source = _local_file(media, media_root)
+        for media, source, target, uri in plan:
             if source is None:
                 summary.media_without_file += 1
                 continue
-            uri = f"{IMPORT_DIR}/{package_key}/{media['mediaID']}{source.suffix.lower() or '.jpg'}"
             with Image.open(source) as probe:
                 width, height = probe.size
             row = conn.execute(
@@ -136,8 +176,8 @@ def import_package(
             if row is None:
                 summary.media_already_imported += 1
                 continue
-            target_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, image_root.resolve() / uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
             images[media["mediaID"]] = int(row["id"])
         summary.images = len(images)
         deer: dict[str, int] = {}

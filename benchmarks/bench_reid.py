@@ -66,7 +66,9 @@ def seed_site(dsn: str, uris: list[str], *, profiles: int) -> tuple[int, int]:
         ]  # type: ignore[index]
         for i in range(profiles):
             img = conn.execute(
-                "INSERT INTO images (camera_id, uri, captured_at, width, height) VALUES (%s, %s, now(), 1280, 720)"
+                # The time the load's bodies send: a recorded image must be named with its own camera and time.
+                "INSERT INTO images (camera_id, uri, captured_at, width, height)"
+                " VALUES (%s, %s, '2024-05-01T06:30:00Z', 1280, 720)"
                 " ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id",
                 (cam, uris[i % len(uris)]),
             ).fetchone()["id"]  # type: ignore[index]

@@ -135,6 +135,8 @@ async def worker(url: str, key: str, sites: list[Site], stats: Stats, deadline: 
     headers = {"Authorization": f"Bearer {key}"}
     actions, weights = zip(*MIX.items(), strict=True)
     today = dt.datetime.now(dt.UTC).date()
+    # One capture time per query image: an image keeps the camera and time it was first recorded with.
+    captured_at = dt.datetime.combine(today, dt.time(6, 30), dt.UTC).isoformat()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
         while time.monotonic() < deadline:
             action = rng.choices(actions, weights)[0]
@@ -143,7 +145,7 @@ async def worker(url: str, key: str, sites: list[Site], stats: Stats, deadline: 
                 body = {
                     "image_uri": rng.choice(site.queries),
                     "camera_id": site.camera,
-                    "captured_at": dt.datetime.now(dt.UTC).isoformat(),
+                    "captured_at": captured_at,
                     "bbox": BBOX,
                 }
                 resp = await timed(client, stats, "POST /api/detections", "POST", "/api/detections", json=body)

@@ -29,3 +29,15 @@ class InvalidKey(TrailcamError):
 
 class MigrationError(TrailcamError):
     """A schema migration could not be applied."""
+
+
+class ImageConflict(TrailcamError):
+    """An image URI already recorded for another camera or capture time (an image belongs to one camera)."""
+
+    def __init__(self, uri: str, detail: str = "") -> None:
+        super().__init__(uri, detail)
+        self.uri = uri
+        self.detail = detail or "image_uri is already recorded for another camera or capture time"
+
+    def __str__(self) -> str:
+        return self.detail

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
-import re
+import tempfile
 import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from serve_app.errors import TrailcamError
+from serve_app.paths import PathRefused, confine
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG"})
 UPLOAD_DIR = "uploads"
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 class ImageRejected(TrailcamError):
@@ -31,31 +32,51 @@ class ImageRejected(TrailcamError):
         return self.detail
 
 
+# PathRefused.reason -> (status, problem code) of the API.
+_REFUSALS = {
+    "empty": (400, "invalid-image-uri"),
+    "nul": (400, "invalid-image-uri"),
+    "unresolvable": (400, "invalid-image-uri"),
+    "scheme": (400, "image-uri-scheme"),
+    "absolute": (400, "image-uri-outside-root"),
+    "parent": (400, "image-uri-outside-root"),
+    "outside": (400, "image-uri-outside-root"),
+    "too-long": (400, "image-uri-too-long"),
+}
+
+
 def resolve_image_uri(uri: str, *, root: Path) -> tuple[Path, str]:
     """The real path of ``uri`` and its canonical form relative to ``root``; refuses anything outside it.
 
-    No scheme is accepted (no remote fetching, no ``file:``); ``..`` and symlinks that leave the root
-    are refused after ``realpath``.
+    The rule is :func:`serve_app.paths.confine` (no scheme, NUL, ``..``, absolute path, symlink escape or
+    over-long name); a refusal or an OS error while looking at the file is a 4xx, never a 500.
     """
-    if not uri or "\x00" in uri:
-        raise ImageRejected(400, "invalid-image-uri", "image_uri must be a non-empty path")
-    if _SCHEME.match(uri) or uri.startswith("//"):
-        raise ImageRejected(400, "image-uri-scheme", "image_uri must be a path under the image root, not a URL")
-    real_root = Path(os.path.realpath(root))
-    candidate = Path(uri) if os.path.isabs(uri) else real_root / uri
-    real = Path(os.path.realpath(candidate))
-    if real != real_root and real_root not in real.parents:
-        raise ImageRejected(400, "image-uri-outside-root", "image_uri resolves outside the image root")
-    if not real.is_file():
+    try:
+        real, rel = confine(uri, root=root)
+    except PathRefused as exc:
+        status, code = _REFUSALS[exc.reason]
+        raise ImageRejected(status, code, f"image_uri: {exc.detail}") from exc
+    try:
+        found = real.is_file()
+    except OSError as exc:
+        raise ImageRejected(422, "image-unreadable", f"image_uri cannot be read: {exc.strerror}") from exc
+    if not found:
         raise ImageRejected(422, "image-not-found", "no image file at image_uri")
-    return real, real.relative_to(real_root).as_posix()
+    return real, rel
 
 
 def read_limited(path: Path, *, max_bytes: int) -> bytes:
-    """The file's bytes, refusing files over ``max_bytes``."""
-    if path.stat().st_size > max_bytes:
+    """The file's bytes, refusing files over ``max_bytes``; an OS error reading it is a 422."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ImageRejected(413, "image-too-large", f"image file exceeds {max_bytes} bytes")
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageRejected(422, "image-unreadable", f"image file cannot be read: {exc.strerror}") from exc
+    if len(data) > max_bytes:  # grew after the stat
         raise ImageRejected(413, "image-too-large", f"image file exceeds {max_bytes} bytes")
-    return path.read_bytes()
+    return data
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -83,14 +104,31 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image.convert("RGB")
 
 
-def store_upload(data: bytes, *, root: Path, image_format: str) -> str:
-    """Save uploaded bytes under ``<root>/uploads/`` by content hash; returns the URI relative to root."""
+def upload_uri(data: bytes, *, camera_id: int, image_format: str) -> str:
+    """Where an upload is kept, relative to the image root: one folder per camera, named by content hash."""
     suffix = ".png" if image_format == "PNG" else ".jpg"
-    rel = f"{UPLOAD_DIR}/{hashlib.sha256(data).hexdigest()}{suffix}"
+    return f"{UPLOAD_DIR}/{camera_id}/{hashlib.sha256(data).hexdigest()}{suffix}"
+
+
+def store_upload(data: bytes, *, root: Path, image_format: str, camera_id: int) -> str:
+    """Save uploaded bytes under ``<root>/uploads/<camera_id>/``; returns the URI relative to root.
+
+    Identical bytes from two cameras are two files (so two independent image rows). Each writer uses its
+    own temporary file in the target folder and an atomic rename, so concurrent identical uploads never
+    share or tear a file.
+    """
+    rel = upload_uri(data, camera_id=camera_id, image_format=image_format)
     target = Path(root) / rel
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+    if target.exists():
+        return rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return rel

@@ -17,10 +17,10 @@ from ray import serve
 from serve_app.api.deps import PrincipalDep, ResourcesDep
 from serve_app.api.problems import Problem
 from serve_app.config import Settings
-from serve_app.errors import NotFound
-from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri, store_upload
+from serve_app.errors import ImageConflict, NotFound, TrailcamError
+from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri, store_upload, upload_uri
 from serve_app.keys import Principal
-from serve_app.reid.identification import Identification, IdentifyRequest
+from serve_app.reid.identification import Identification, IdentifyRequest, recorded_elsewhere
 from serve_app.reid.preprocessing import BBox, crop
 from serve_app.resources import Resources
 
@@ -101,12 +101,16 @@ def _prepare(data: bytes, *, bbox: BBox, settings: Settings) -> tuple[Any, int, 
     return crop(image, bbox), image.width, image.height
 
 
-def _load_uri(uri: str, settings: Settings) -> tuple[bytes, str]:
-    path, rel = resolve_image_uri(uri, root=Path(settings.image_root))
-    return read_limited(path, max_bytes=settings.max_image_bytes), rel
+def _load_uri(path: Path, settings: Settings) -> bytes:
+    return read_limited(path, max_bytes=settings.max_image_bytes)
 
 
-def _reject(exc: ImageRejected, field: str) -> Problem:
+def _reject(exc: ImageRejected | ImageConflict, field: str) -> Problem:
+    """The problem for a refused image (4xx) or an image URI recorded for another camera or time (409)."""
+    if isinstance(exc, ImageConflict):
+        return Problem(
+            409, "image-conflict", exc.detail, errors=[{"rule": "image-conflict", "field": field, "detail": exc.detail}]
+        )
     return Problem(exc.status, exc.code, exc.detail, errors=[{"rule": exc.code, "field": field, "detail": exc.detail}])
 
 
@@ -126,16 +130,30 @@ async def build_request(
             400, "validation-failed", str(exc), errors=[{"rule": "bbox", "field": "bbox", "detail": str(exc)}]
         ) from exc
     site_id = await camera_site(resources, item.camera_id, principal)
+    root = Path(settings.image_root)
+
+    async def check(rel: str) -> None:
+        # An image belongs to one camera: a URI recorded for another camera or time is refused here, before
+        # anything is read, and again under lock when the detection is stored.
+        async with resources.pool.connection() as conn:
+            found = await recorded_elsewhere(conn, uri=rel, camera_id=item.camera_id, captured_at=item.captured_at)
+        if found:
+            raise ImageConflict(rel)
+
     try:
         if upload is None:
-            data, rel = await asyncio.to_thread(_load_uri, item.image_uri, settings)
+            path, rel = await asyncio.to_thread(resolve_image_uri, item.image_uri, root=root)
+            await check(rel)
+            data = await asyncio.to_thread(_load_uri, path, settings)
+            image_crop, width, height = await asyncio.to_thread(_prepare, data, bbox=bbox, settings=settings)
         else:
-            data, rel = upload, ""
-        image_crop, width, height = await asyncio.to_thread(_prepare, data, bbox=bbox, settings=settings)
-        if upload is not None:
+            data = upload
+            image_crop, width, height = await asyncio.to_thread(_prepare, data, bbox=bbox, settings=settings)
             fmt = "PNG" if data[:4] == b"\x89PNG" else "JPEG"
-            rel = await asyncio.to_thread(store_upload, data, root=Path(settings.image_root), image_format=fmt)
-    except ImageRejected as exc:
+            rel = upload_uri(data, camera_id=item.camera_id, image_format=fmt)
+            await check(rel)
+            await asyncio.to_thread(store_upload, data, root=root, image_format=fmt, camera_id=item.camera_id)
+    except (ImageRejected, ImageConflict) as exc:
         raise _reject(exc, "image" if upload is not None else "image_uri") from exc
     return IdentifyRequest(
         site_id=site_id,
@@ -151,15 +169,35 @@ async def build_request(
 
 
 async def identify(request: Request, items: list[IdentifyRequest]) -> list[Identification]:
-    """Send each crop to the ReID deployment (it batches them) and wait for all answers."""
+    """Send each crop to the ReID deployment (it batches them) and wait for all answers.
+
+    Items naming one image must agree on its camera and capture time (409 otherwise, before anything is
+    stored). A refusal from the replica (an image recorded meanwhile for another camera or time) is a 409;
+    only a failure to identify is a 503.
+    """
+    seen: dict[str, tuple[int, dt.datetime]] = {}
+    for index, item in enumerate(items):
+        if seen.setdefault(item.image_uri, (item.camera_id, item.captured_at)) != (item.camera_id, item.captured_at):
+            field = f"detections.{index}.image_uri" if len(items) > 1 else "image_uri"
+            raise _reject(ImageConflict(item.image_uri, "the batch names one image with two cameras or times"), field)
     handle = reid_handle(request)
     try:
         results = await asyncio.wait_for(
             asyncio.gather(*(handle.identify.remote(item) for item in items)), timeout=IDENTIFY_TIMEOUT_S
         )
+    except TrailcamError as exc:
+        # Ray re-raises a replica's exception as a subclass of its type; the original is its ``cause``.
+        cause = getattr(exc, "cause", exc)
+        if isinstance(cause, ImageConflict):
+            raise _reject(cause, "image_uri") from exc
+        logger.warning("identification failed: %r", exc)
+        raise Problem(503, "identification-unavailable", f"identification failed: {type(cause).__name__}") from exc
     except Exception as exc:
         logger.warning("identification failed: %r", exc)
         raise Problem(503, "identification-unavailable", f"identification failed: {type(exc).__name__}") from exc
+    for index, result in enumerate(results):
+        if isinstance(result, ImageConflict):
+            raise _reject(result, f"detections.{index}.image_uri" if len(items) > 1 else "image_uri")
     return list(results)
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve_app.errors import InvalidKey, NotFound, ServiceUnavailable
+from serve_app.errors import ImageConflict, InvalidKey, NotFound, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,11 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return problem_response(404, "not-found", str(exc) or "not found", instance=request.url.path)
+
+    @app.exception_handler(ImageConflict)
+    async def _image_conflict(request: Request, exc: ImageConflict) -> JSONResponse:
+        errors = [{"rule": "image-conflict", "field": "image_uri", "detail": exc.detail}]
+        return problem_response(409, "image-conflict", exc.detail, errors=errors, instance=request.url.path)
 
     @app.exception_handler(InvalidKey)
     async def _invalid_key(request: Request, exc: InvalidKey) -> JSONResponse:

@@ -33,6 +33,8 @@ SELECT d.id, d.deer_id, d.decision, c.site_id FROM detections d
 JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id WHERE d.id = %s FOR UPDATE OF d
 """
 
+TARGET_SQL = "SELECT site_id, merged_into FROM deer WHERE id = %s FOR SHARE"
+
 
 class NewDeer(BaseModel):
     """A profile created by the assignment."""
@@ -77,9 +79,14 @@ async def review_queue(
 async def assign(
     detection_id: int, body: AssignmentIn, resources: ResourcesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    """A manual decision; automatic passes never overwrite it (reviewed_at is set)."""
+    """A manual decision; automatic passes never overwrite it (reviewed_at is set); a merged profile is a 409."""
     actor = f"api-key:{principal.key_id}"
     async with resources.pool.connection() as conn, conn.transaction():
+        # The chosen profile is locked before the detection, in the merge's order (deer, then detections),
+        # and FOR SHARE, which the merge's FOR UPDATE waits on: it cannot be merged away before commit.
+        target: Any = None
+        if body.deer_id is not None:
+            target = await (await conn.execute(TARGET_SQL, (body.deer_id,))).fetchone()
         det: Any = await (await conn.execute(DETECTION_SQL, (detection_id,))).fetchone()
         if det is None or not principal.allows(int(det["site_id"])):
             raise NotFound(f"detection {detection_id} not found")
@@ -96,9 +103,6 @@ async def assign(
         elif body.unassign:
             to_deer, action = None, "unassign"
         else:
-            target: Any = await (
-                await conn.execute("SELECT site_id, merged_into FROM deer WHERE id = %s", (body.deer_id,))
-            ).fetchone()
             if target is None or int(target["site_id"]) != site_id:
                 raise Problem(422, "deer-not-in-site", "the deer profile does not exist at this detection's site")
             if target["merged_into"] is not None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from serve_app.config import Settings
+from serve_app.errors import ImageConflict
 from serve_app.reid import metrics
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
 from serve_app.reid.embedder import Embedder, ModelSpec
@@ -148,8 +149,8 @@ class ReIDDeployment:
         logger.info("thresholds now accept=%s review=%s", parsed.accept_threshold, parsed.review_threshold)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
-    async def identify(self, requests: list[IdentifyRequest]) -> list[Identification]:
-        """Identify a batch of crops (callers send one request each; Serve groups them)."""
+    async def identify(self, requests: list[IdentifyRequest]) -> list[Identification | ImageConflict]:
+        """Identify a batch of crops (Serve groups callers' requests); a refused image answers its ImageConflict."""
         metrics.record_batch(len(requests))
         return await self.identifier.identify_batch(requests)
 

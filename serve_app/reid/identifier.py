@@ -20,6 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from serve_app.errors import ImageConflict
 from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri
 from serve_app.reid import identification as q
 from serve_app.reid.decision import Thresholds, decide
@@ -34,7 +35,7 @@ from serve_app.reid.gallery import (
     fill_embeddings,
     store_params,
 )
-from serve_app.reid.identification import Candidate, Identification, IdentifyRequest
+from serve_app.reid.identification import Candidate, Identification, IdentifyRequest, Scores
 from serve_app.reid.preprocessing import crop
 from serve_app.reid.score_buffer import ScoreBuffer
 from serve_app.reid.scores import ScoreRow, copy_scores_async, score_rows
@@ -163,62 +164,60 @@ class Identifier:
                 out[i] = sims[j]
         return out
 
-    async def identify_batch(self, requests: Sequence[IdentifyRequest]) -> list[Identification]:
-        """Identify a batch; stores every detection and queues one score row per detection x profile."""
+    def _answer(self, scores: Scores, *, thresholds: Thresholds, version: str) -> Identification:
+        """The decision and top-k candidates for one detection's scores (its id is filled in once stored)."""
+        sims = scores.similarities
+        order = np.argsort(-sims, kind="stable")
+        top1 = float(sims[order[0]]) if len(order) else None
+        decision = decide(top1, thresholds)
+        deer_id = scores.deer_ids[int(order[0])] if decision == "auto" else None
+        candidates = [
+            Candidate(scores.deer_ids[int(i)], scores.names[int(i)], round(float(sims[i]), 6))
+            for i in order[: self.options.top_k]
+        ]
+        return Identification(0, version, decision, deer_id, top1, candidates)
+
+    async def identify_batch(self, requests: Sequence[IdentifyRequest]) -> list[Identification | ImageConflict]:
+        """Identify a batch; stores every detection and queues one score row per detection x profile.
+
+        A request whose image_uri is recorded for another camera or capture time gets an
+        :class:`ImageConflict` in its place (the others in the batch are stored as usual).
+        """
         thresholds = self.thresholds
         vectors = await asyncio.to_thread(self._embed, [r.crop for r in requests])
         sites = [r.site_id for r in requests]
         galleries = await self.galleries_for(set(sites))
         sims = await asyncio.to_thread(self._score, vectors, sites, galleries)
-        version = self.embedder.model_version
-        results: list[Identification] = []
-        for req, row_sims in zip(requests, sims, strict=True):
-            gallery = galleries[req.site_id]
-            order = np.argsort(-row_sims, kind="stable")
-            top1 = float(row_sims[order[0]]) if len(order) else None
-            decision = decide(top1, thresholds)
-            deer_id = gallery.deer_ids[int(order[0])] if decision == "auto" else None
-            candidates = [
-                Candidate(gallery.deer_ids[int(i)], gallery.names[int(i)], round(float(row_sims[i]), 6))
-                for i in order[: self.options.top_k]
-            ]
-            results.append(Identification(0, version, decision, deer_id, top1, candidates))
-
-        def rows_for(ids: Sequence[int]) -> list[ScoreRow]:
-            return [
-                row
-                for result, det_id, row_sims, req in zip(results, ids, sims, requests, strict=True)
-                for row in score_rows(
-                    det_id,
-                    deer_ids=galleries[req.site_id].deer_ids,
-                    similarities=row_sims,
-                    threshold=thresholds.accept,
-                    assigned_deer_id=result.deer_id,
-                    model_version=version,
-                )
-            ]
-
-        ids, pending = await self._store(requests, vectors, results, rows_for)
+        scored = [
+            Scores(list(galleries[r.site_id].deer_ids), list(galleries[r.site_id].names), row_sims)
+            for r, row_sims in zip(requests, sims, strict=True)
+        ]
+        outcomes, pending = await self._store(requests, vectors, scored, thresholds=thresholds)
         if pending:
             self.scores.add(pending)
-        self.identified += len(results)
-        for result, det_id in zip(results, ids, strict=True):
-            result.detection_id = det_id
-            if self._on_identified:
-                self._on_identified(result.decision, result.top1_similarity)
-        return results
+        for outcome in outcomes:
+            if isinstance(outcome, Identification):
+                self.identified += 1
+                if self._on_identified:
+                    self._on_identified(outcome.decision, outcome.top1_similarity)
+        return outcomes
 
     async def _store(
         self,
         requests: Sequence[IdentifyRequest],
         vectors: np.ndarray,
-        results: Sequence[Identification],
-        rows_for: Callable[[Sequence[int]], list[ScoreRow]],
-    ) -> tuple[list[int], list[ScoreRow]]:
-        """Insert images (once per URI), detections and (inline) their score rows in one transaction.
+        scored: Sequence[Scores],
+        *,
+        thresholds: Thresholds,
+    ) -> tuple[list[Identification | ImageConflict], list[ScoreRow]]:
+        """Decide and insert images (new URIs only), detections and (inline) their score rows in one transaction.
 
-        Returns the detection ids in order and the score rows still to be written through the buffer.
+        An existing image is used only when its camera and capture time are the request's. The chosen
+        profiles are locked FOR SHARE and followed through ``merged_into``, so a detection never lands on
+        a profile merged away since the gallery was loaded. Returns one outcome per request and the score
+        rows still to be written through the buffer.
         """
+        version = self.embedder.model_version
         first: dict[str, IdentifyRequest] = {}
         for r in requests:
             first.setdefault(r.image_uri, r)
@@ -226,7 +225,7 @@ class Identifier:
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                q.UPSERT_IMAGES_SQL,
+                q.INSERT_IMAGES_SQL,
                 (
                     [r.camera_id for r in imgs],
                     [r.image_uri for r in imgs],
@@ -235,34 +234,69 @@ class Identifier:
                     [r.height for r in imgs],
                 ),
             )
-            image_ids = {row["uri"]: int(row["id"]) for row in await cur.fetchall()}
-            await cur.execute(q.NEXT_DETECTION_IDS_SQL, (len(requests),))
-            ids = [int(row["id"]) for row in await cur.fetchall()]
-            await conn.execute(
-                q.INSERT_DETECTIONS_SQL,
-                (
-                    ids,
-                    [image_ids[r.image_uri] for r in requests],
-                    [r.bbox.x for r in requests],
-                    [r.bbox.y for r in requests],
-                    [r.bbox.w for r in requests],
-                    [r.bbox.h for r in requests],
-                    [r.confidence for r in requests],
-                    [res.deer_id for res in results],
-                    [res.decision for res in results],
-                    [res.top1_similarity for res in results],
-                    [embedding_to_bytes(v) for v in vectors],
-                    [res.model_version for res in results],
-                ),
-            )
-            rows = rows_for(ids)
+            images = {row["uri"]: row for row in await cur.fetchall()}
+            existing = [uri for uri in first if uri not in images]
+            if existing:
+                await cur.execute(q.EXISTING_IMAGES_SQL, (existing,))
+                images.update({row["uri"]: row for row in await cur.fetchall()})
+            keep = [
+                i for i, r in enumerate(requests) if r.image_uri in images and q.image_matches(images[r.image_uri], r)
+            ]
+            kept = [requests[i] for i in keep]
+            kept_scores = [scored[i] for i in keep]
+            answers = [self._answer(s, thresholds=thresholds, version=version) for s in kept_scores]
+            survivors: dict[int, tuple[int, str]] = {}
+            while wanted := {a.deer_id for a in answers if a.deer_id is not None} - survivors.keys():
+                survivors.update(await q.lock_profiles(conn, deer_ids=wanted))
+                merged = {d: t for d, t in survivors.items() if t[0] != d}
+                if merged:
+                    kept_scores = [s.merged(merged) for s in kept_scores]
+                    answers = [self._answer(s, thresholds=thresholds, version=version) for s in kept_scores]
+            ids: list[int] = []
+            if kept:
+                await cur.execute(q.NEXT_DETECTION_IDS_SQL, (len(kept),))
+                ids = [int(row["id"]) for row in await cur.fetchall()]
+                await conn.execute(
+                    q.INSERT_DETECTIONS_SQL,
+                    (
+                        ids,
+                        [int(images[r.image_uri]["id"]) for r in kept],
+                        [r.bbox.x for r in kept],
+                        [r.bbox.y for r in kept],
+                        [r.bbox.w for r in kept],
+                        [r.bbox.h for r in kept],
+                        [r.confidence for r in kept],
+                        [a.deer_id for a in answers],
+                        [a.decision for a in answers],
+                        [a.top1_similarity for a in answers],
+                        [embedding_to_bytes(vectors[i]) for i in keep],
+                        [a.model_version for a in answers],
+                    ),
+                )
+            for det_id, answer in zip(ids, answers, strict=True):
+                answer.detection_id = det_id
+            rows = [
+                row
+                for det_id, answer, s in zip(ids, answers, kept_scores, strict=True)
+                for row in score_rows(
+                    det_id,
+                    deer_ids=s.deer_ids,
+                    similarities=s.similarities,
+                    threshold=thresholds.accept,
+                    assigned_deer_id=answer.deer_id,
+                    model_version=version,
+                )
+            ]
+            outcomes: list[Identification | ImageConflict] = [ImageConflict(r.image_uri) for r in requests]
+            for i, answer in zip(keep, answers, strict=True):
+                outcomes[i] = answer
             if not self.options.inline_scores or not rows:
-                return ids, rows
+                return outcomes, rows
             try:
                 async with conn.transaction():  # a savepoint: a refused COPY keeps the detections
                     await copy_scores_async(conn, rows)
             except psycopg.DatabaseError as exc:
                 logger.warning("inline score write failed (%s); %d rows go through the buffer", exc, len(rows))
-                return ids, rows
+                return outcomes, rows
         self.scores.record_written(len(rows))
-        return ids, []
+        return outcomes, []

@@ -104,12 +104,15 @@ class SiteData:
     deer: list[int] = field(default_factory=list)
     uris: list[str] = field(default_factory=list)
     detections: list[int] = field(default_factory=list)
+    captured: dict[str, str] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
     def body(self, uri: str) -> dict[str, Any]:
-        return {"image_uri": uri, "camera_id": self.camera, "captured_at": "2024-05-01T06:30:00Z", "bbox": BBOX}
+        # A recorded image must be named with its own camera and capture time (409 image-conflict otherwise).
+        captured = self.captured.get(uri, "2024-05-01T06:30:00Z")
+        return {"image_uri": uri, "camera_id": self.camera, "captured_at": captured, "bbox": BBOX}
 
 
 def make_site(conn: psycopg.Connection[Any], images: Path, *, k: int = 3, days: int = 5) -> SiteData:
@@ -123,6 +126,7 @@ def make_site(conn: psycopg.Connection[Any], images: Path, *, k: int = 3, days: 
         img = factories.image(
             conn, camera_id=cam, uri=uri, width=320, height=240, captured_at=now - dt.timedelta(days=i)
         )
+        data.captured[uri] = (now - dt.timedelta(days=i)).isoformat()
         deer = factories.deer(conn, site_id=sid, name=f"deer-{sid}-{i}")
         factories.detection(conn, image_id=img, deer_id=deer, bbox=(BBOX["x"], BBOX["y"], BBOX["w"], BBOX["h"]))
         data.deer.append(deer)

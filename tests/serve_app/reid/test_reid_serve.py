@@ -7,6 +7,7 @@ extremes, and refusals that happen before the model.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tests.fixtures.ray_cluster import app_settings, free_port, wait_ready
 from tests.serve_app.reid.pgproxy import PgProxy
 
 APP = "reid"
+CAPTURED = dt.datetime(2024, 5, 1, 6, 30, tzinfo=dt.UTC)  # the gallery images' time, which body() sends
 BBOX = {"x": 0.2, "y": 0.2, "w": 0.5, "h": 0.6}
 MAX_BUFFERED = 40
 REFRESH_S = 0.5
@@ -125,7 +127,7 @@ class Site:
         self.uris: list[str] = []
         for i in range(k):
             uri = write_jpeg(env.root, f"gallery/{self.id}-{i}.jpg", seed=1000 * self.id + i)
-            image = factories.image(db, camera_id=self.camera, uri=uri, width=320, height=240)
+            image = factories.image(db, camera_id=self.camera, uri=uri, width=320, height=240, captured_at=CAPTURED)
             deer = factories.deer(db, site_id=self.id, name=f"deer-{i}")
             factories.detection(db, image_id=image, deer_id=deer, bbox=(BBOX["x"], BBOX["y"], BBOX["w"], BBOX["h"]))
             self.deer.append(deer)
