@@ -1,12 +1,16 @@
-"""Re-decide automatic assignments from new scores (``--apply-assignments``); manual ones are never touched.
+"""Re-decide automatic assignments from new scores (``--apply-assignments``); a person's decisions are never touched.
 
-Every change of deer or decision is recorded in review_events as ``auto_reassign`` by the run.
+A detection a person decided (assigned, gave a new deer, or unassigned: ``reviewed_at`` is set, or the
+decision is ``manual``) keeps that decision. An assignment never lands on a profile merged away after
+the run's galleries were loaded: the target profiles are locked FOR SHARE (the merge locks them FOR
+UPDATE) and followed to the profile that survived. Every change of deer or decision is recorded in
+review_events as ``auto_reassign`` by the run.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -14,16 +18,20 @@ import psycopg
 from batch.results import Scored
 from serve_app.reid.decision import Thresholds
 
-LOCK_SQL = """
-SELECT id, deer_id, decision FROM detections
-WHERE id = ANY(%s) AND decision <> 'manual'
-ORDER BY id FOR UPDATE
+UNDECIDED = "d.decision <> 'manual' AND d.reviewed_at IS NULL"
+"""Detections no person has decided: the only ones an automatic pass may change."""
+
+LOCK_DEER_SQL = "SELECT id, merged_into FROM deer WHERE id = ANY(%s) ORDER BY id FOR SHARE"
+LOCK_SQL = f"""
+SELECT d.id, d.deer_id, d.decision FROM detections d
+WHERE d.id = ANY(%s) AND {UNDECIDED}
+ORDER BY d.id FOR UPDATE
 """
-UPDATE_SQL = """
+UPDATE_SQL = f"""
 UPDATE detections AS d SET deer_id = u.deer_id, decision = u.decision, top1_similarity = u.top1,
                            model_version = coalesce(%s, d.model_version)
 FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::float8[]) AS u(id, deer_id, decision, top1)
-WHERE d.id = u.id AND d.decision <> 'manual'
+WHERE d.id = u.id AND {UNDECIDED}
 """
 EVENTS_SQL = """
 INSERT INTO review_events (detection_id, deer_id, action, from_deer_id, to_deer_id, from_decision, to_decision,
@@ -34,6 +42,24 @@ FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])
 """
 
 
+def surviving_profiles(cur: psycopg.Cursor[Any], deer_ids: Iterable[int]) -> dict[int, int]:
+    """Each profile's survivor (itself unless merged), every profile on the way locked FOR SHARE until commit."""
+    merged_into: dict[int, int | None] = {}
+    pending = set(deer_ids)
+    while pending:
+        for deer_id, into in cur.execute(LOCK_DEER_SQL, (sorted(pending),)).fetchall():
+            merged_into[deer_id] = into
+        pending = {into for into in merged_into.values() if into is not None and into not in merged_into}
+    survivors: dict[int, int] = {}
+    for deer_id in merged_into:
+        survivor, seen = deer_id, {deer_id}
+        while (into := merged_into.get(survivor)) is not None and into not in seen:
+            survivor = into
+            seen.add(into)
+        survivors[deer_id] = survivor
+    return survivors
+
+
 def apply_assignments(
     cur: psycopg.Cursor[Any],
     results: Sequence[Scored],
@@ -42,20 +68,23 @@ def apply_assignments(
     run_id: uuid.UUID,
     model_version: str | None = None,
 ) -> int:
-    """Update the non-manual detections among ``results``; returns how many changed deer or decision.
+    """Update the undecided detections among ``results``; returns how many changed deer or decision.
 
     Each one re-decided carries ``model_version`` (the run's model) from now on; None leaves the column as it is.
     """
     by_id = {r.detection_id: r for r in results if r.deer_ids}
     if not by_id:
         return 0
+    decided = {det_id: result.decision(thresholds) for det_id, result in by_id.items()}
+    # Profiles before detections, the merge's order: the two never wait for each other in a cycle.
+    survivor = surviving_profiles(cur, {deer for _, deer in decided.values() if deer is not None})
     current = {row[0]: (row[1], row[2]) for row in cur.execute(LOCK_SQL, (list(by_id),)).fetchall()}
     ids, deer, decisions, top1s = [], [], [], []
     changed: list[tuple[int, int | None, int | None, str, str]] = []
     for det_id, (old_deer, old_decision) in current.items():
-        result = by_id[det_id]
-        decision, new_deer = result.decision(thresholds)
-        top = result.top1()
+        decision, new_deer = decided[det_id]
+        new_deer = survivor.get(new_deer, new_deer) if new_deer is not None else None
+        top = by_id[det_id].top1()
         ids.append(det_id)
         deer.append(new_deer)
         decisions.append(decision)

@@ -6,12 +6,13 @@ Submit to a cluster (the working dir is uploaded; .gitignore/.rayignore keep .ve
 
 or run ``python -m batch.backfill`` against a local Ray (started for the run when RAY_ADDRESS is unset).
 One backfill_runs row per run; ``--resume RUN_ID`` continues an interrupted run without duplicate
-or missing score rows. Manual assignments are never touched.
+or missing score rows. Decisions a person made are never touched; a dry run writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import ray
 
 from batch import runs
-from batch.runs import BackfillOptions, Selection
+from batch.runs import BackfillOptions, RunLocked, Selection
 from serve_app.config import Settings, get_settings
 from serve_app.reid.embedder import RANDOM_WEIGHTS, model_version_for, weights_digest
 from serve_app.store.db import connect
@@ -51,6 +53,7 @@ class RunResult:
     failed: int = 0
     reassigned: int = 0
     elapsed_s: float = 0.0
+    error: str | None = None
     dry_run: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -116,33 +119,33 @@ def run_backfill(
     cpu_threads: int = 0,
     progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> RunResult:
-    """Run (or resume: ``options`` then come from the run's row) a backfill and return its summary."""
+    """Run (or resume: ``options`` then come from the run's row) a backfill and return its summary.
+
+    A dry run reads and computes only: no row, lock, counter or embedding is written, resume included.
+    """
     from batch import pipeline  # Ray Data is imported only by runs that use it
 
     dsn = settings.database_dsn
     image_root = Path(settings.image_root).resolve()  # tasks on other nodes need an absolute path
     with connect(dsn) as conn:
-        stored: dict[str, Any] = {}
+        stored_ids: tuple[int, int] | None = None
         if resume is not None:
             row = runs.load_run(conn, resume)
             if row is None:
                 raise ValueError(f"no backfill run {resume}")
-            stored = dict(row["parameters"])
-            options = BackfillOptions.from_json(stored)
+            options = BackfillOptions.from_json(dict(row["parameters"]))
+            stored_ids = (int(row["parameters"]["id_min"]), int(row["parameters"]["id_max"]))
+            if not dry_run and not runs.try_lock_run(conn, resume):
+                raise RunLocked(f"backfill run {resume} is being resumed by another driver; nothing was changed")
         if options is None:
             raise ValueError("a new run needs options")
-            if not runs.try_lock_run(conn, resume):
-                raise ValueError(f"backfill run {resume} is still running in another process")
         version = model_version(options)
-        run_id = None if dry_run else (resume or uuid.uuid4())
-        selection = Selection(version, run_id, options.mode, options.sites, options.since, options.until)
-        if resume is not None:
-            selection = Selection(
-                version, resume, options.mode, options.sites, options.since, options.until,
-                stored["id_min"], stored["id_max"],
-            )  # fmt: skip
+        # A resume (dry or not) reads only the run's detections that have no rows yet.
+        selection = Selection(version, resume, options.mode, options.sites, options.since, options.until,
+                              *(stored_ids or (0, runs.MAX_ID)))  # fmt: skip
         lo, hi, count = runs.bounds(conn, selection, limit=options.limit if resume is None else None)
-        selection = Selection(version, run_id, options.mode, options.sites, options.since, options.until, lo, hi)
+        run_id = None if dry_run else (resume or uuid.uuid4())
+        selection = dataclasses.replace(selection, run_id=resume or run_id, id_min=lo, id_max=hi)
         sites = runs.selection_sites(conn, selection) if count else []
         if run_id is not None and resume is None:
             runs.create_run(
@@ -153,8 +156,8 @@ def run_backfill(
                 total=count,
             )
             runs.try_lock_run(conn, run_id)
-        elif resume is not None:
-            runs.mark_resumed(conn, resume)
+        elif run_id is not None:
+            runs.mark_resumed(conn, run_id)
         if "random" in version:
             logger.warning("model %s has RANDOM weights: its scores carry no identity information", version)
         logger.info(
@@ -174,15 +177,14 @@ def run_backfill(
                 )  # fmt: skip
                 if progress:
                     progress.start()
-                if dry_run:
+                if run_id is None:
                     dry = pipeline.DryRunSink(model_version=version, options=options)
                     ds.write_datasink(dry, ray_remote_args={"num_cpus": pipeline.WRITE_CPUS})
                     result.dry_run = dry.summary
                     result.detections, result.score_rows = dry.summary["detections"], dry.summary["score_rows"]
                     result.failed = dry.summary["failed"]
                 else:
-                    sink = pipeline.ScoreSink(dsn=dsn, run_id=selection.run_id or uuid.uuid4(), model_version=version,
-                                              options=options)  # fmt: skip
+                    sink = pipeline.ScoreSink(dsn=dsn, run_id=run_id, model_version=version, options=options)
                     ds.write_datasink(sink, ray_remote_args={"num_cpus": pipeline.WRITE_CPUS})
                     counts = sink.counts
                     result.detections, result.score_rows = counts.detections, counts.score_rows
@@ -196,9 +198,24 @@ def run_backfill(
             if progress:
                 progress.stopped.set()
         result.elapsed_s = time.monotonic() - start
+        result.state, result.error = outcome(conn, result)
         if run_id is not None:
-            runs.finish_run(conn, run_id, state="completed")
+            runs.finish_run(conn, run_id, state=result.state, error=result.error)
     return result
+
+
+def outcome(conn: psycopg.Connection[Any], result: RunResult) -> tuple[str, str | None]:
+    """Final state and reason: a run none of whose detections could be scored failed, it did not complete."""
+    scored = result.detections
+    if result.run_id is not None:
+        row = runs.load_run(conn, result.run_id)
+        scored = int(row["done"]) if row else scored  # a resumed run counts what its earlier passes scored
+    if result.failed and not scored:
+        return "failed", (
+            f"no detection could be scored: {result.failed} images unreadable (see the 'not scored' log lines;"
+            " the image root must be an absolute path to the images on every node)"
+        )
+    return "completed", None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -267,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             options_from_args(args), settings=settings, dry_run=args.dry_run, resume=args.resume,
             actors=args.actors, cpu_threads=args.cpu_threads,
         )  # fmt: skip
-    except ValueError as exc:
+    except (ValueError, RunLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"run {result.run_id or '(dry run: nothing written)'}: {result.state}, model {result.model_version}")
@@ -279,12 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         print("decisions: " + json.dumps(result.dry_run.get("decisions", {}), sort_keys=True))
         for sample in result.dry_run.get("sample", []):
             print("sample: " + json.dumps(sample))
-    if result.failed and not result.detections:
-        print(
-            f"error: none of {result.failed} detections could be scored (see the 'not scored' lines); check that"
-            " TRAILCAM_IMAGE_ROOT (or --image-root) is an absolute path to the images on every node",
-            file=sys.stderr,
-        )
+    if result.state != "completed":
+        print(f"error: {result.error}", file=sys.stderr)
         return 1
     return 0
 

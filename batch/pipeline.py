@@ -178,10 +178,10 @@ class DryRunSink(Datasink[dict[str, Any]]):
         out: dict[str, Any] = {"detections": 0, "score_rows": 0, "failed": 0, "decisions": {}, "sample": []}
         for block in blocks:
             for result in from_table(BlockAccessor.for_block(block).to_arrow()):
-                out["detections"] += 1
                 if result.error is not None:
                     out["failed"] += 1
                     continue
+                out["detections"] += 1
                 decision, _ = result.decision(self.options.thresholds)
                 out["decisions"][decision] = out["decisions"].get(decision, 0) + 1
                 rows = result.rows(thresholds=self.options.thresholds, model_version=self.model_version, run_id=None)

@@ -15,12 +15,17 @@ from typing import Any, Literal
 
 import psycopg
 
+from serve_app.errors import TrailcamError
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
 from serve_app.reid.embedder import ModelSpec
 
 Mode = Literal["missing", "all"]
 Decode = Literal["exact", "draft"]
 MAX_ID = 2**63 - 1
+
+
+class RunLocked(TrailcamError):
+    """Another driver holds the run: it is being resumed (or still run) by another process."""
 
 
 @dataclass(frozen=True)
@@ -177,11 +182,18 @@ def load_run(conn: psycopg.Connection[Any], run_id: uuid.UUID) -> dict[str, Any]
 
 
 def mark_resumed(conn: psycopg.Connection[Any], run_id: uuid.UUID) -> None:
-    """Back to running after an interruption."""
+    """Back to running after an interruption, counters recounted from the run's rows.
+
+    The resume reads every detection of the run that has no rows again (failed ones included), so
+    ``failed`` starts from zero and ``done`` from the detections that have rows: nothing counts twice.
+    The row lock first: a block of a dying driver that commits now is counted before or after, not lost.
+    """
+    conn.execute("SELECT id FROM backfill_runs WHERE id = %s FOR UPDATE", (run_id,))
     conn.execute(
-        "UPDATE backfill_runs SET state = 'running', error = NULL, finished_at = NULL, updated_at = now()"
-        " WHERE id = %s",
-        (run_id,),
+        "UPDATE backfill_runs SET state = 'running', error = NULL, finished_at = NULL, updated_at = now(), failed = 0,"
+        " done = (SELECT count(DISTINCT detection_id) FROM reid_similarity_scores WHERE run_id = %(id)s),"
+        " score_rows = (SELECT count(*) FROM reid_similarity_scores WHERE run_id = %(id)s) WHERE id = %(id)s",
+        {"id": run_id},
     )
     conn.commit()
 
@@ -204,7 +216,7 @@ WHERE id = %(run_id)s
 
 
 def try_lock_run(conn: psycopg.Connection[Any], run_id: uuid.UUID) -> bool:
-    """A session lock on the run: one driver per run at a time (released when the driver dies)."""
+    """A session lock on the run: one driver per run at a time (released when the driver's session ends)."""
     row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0)) AS ok", (str(run_id),)).fetchone()
     conn.commit()
     return bool(row and row["ok"])

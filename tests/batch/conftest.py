@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,17 @@ def demo(database_url: str, demo_root: Path) -> Demo:
 
 
 def reset_scores(dsn: str) -> None:
-    """Back to the freshly loaded state: no scores, runs, reports or automatic decisions."""
+    """Back to the freshly loaded state: no scores, runs, reports, merges, reviews or automatic decisions."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE reid_similarity_scores, backfill_runs, review_events, threshold_reports")
+        conn.execute("UPDATE deer SET merged_into = NULL WHERE merged_into IS NOT NULL")
         conn.execute(
-            "UPDATE detections SET deer_id = NULL, decision = 'unassigned', top1_similarity = NULL"
-            " WHERE decision <> 'manual'"
+            "UPDATE detections d SET deer_id = g.deer_id FROM demo_ground_truth g"
+            " WHERE g.detection_id = d.id AND d.decision = 'manual' AND d.deer_id IS DISTINCT FROM g.deer_id"
+        )
+        conn.execute(
+            "UPDATE detections SET deer_id = NULL, decision = 'unassigned', top1_similarity = NULL,"
+            " reviewed_by = NULL, reviewed_at = NULL WHERE decision <> 'manual'"
         )
         conn.execute("UPDATE detections SET embedding = NULL, model_version = NULL, embedding_model_version = NULL")
 
@@ -65,6 +71,14 @@ def fresh(demo: Demo) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     reset_scores(demo.dsn)
     with connect(demo.dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def keep_sigterm() -> Iterator[None]:
+    """The CLI's main() installs its SIGTERM handler; give pytest its own back afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 def small_options(**extra: Any) -> BackfillOptions:

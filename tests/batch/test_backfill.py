@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
 from typing import Any
 
-import numpy as np
 import psycopg
 import pytest
 
 from batch.backfill import run_backfill
+from serve_app.images import decode_image, read_limited, resolve_image_uri
 from serve_app.reid.embedder import Embedder
-from serve_app.reid.gallery import load_gallery
+from serve_app.reid.identification import Identification, IdentifyRequest
+from serve_app.reid.identifier import Identifier, IdentifierOptions
 from serve_app.reid.preprocessing import BBox, crop
-from tests.batch.conftest import SMALL, Demo, small_options
+from serve_app.reid.score_buffer import ScoreBuffer
+from serve_app.store.db import make_pool
+from tests.batch.conftest import Demo, small_options
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -63,41 +66,73 @@ def test_backfill_scores_every_detection_against_its_site_profiles_then_missing_
     assert fresh.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"] == result.score_rows
 
 
-def test_backfill_score_equals_the_online_computation_for_the_same_crop(
+async def identify_online(demo: Demo, detections: list[dict[str, Any]]) -> list[Identification]:
+    """The same crops identified by the online Identifier, as the ReID deployment builds and calls it."""
+    options = small_options()
+    pool = make_pool(demo.dsn)
+    await pool.open()
+    buffer = ScoreBuffer(demo.dsn)
+    buffer.start()
+    identifier = Identifier(
+        Embedder(options.spec),
+        pool=pool,
+        scores=buffer,
+        options=IdentifierOptions(image_root=demo.image_root, top_k=100),
+        thresholds=options.thresholds,
+    )
+    requests = []
+    for det in detections:
+        # What POST /api/detections does with an image_uri: resolve, read, decode and verify, crop.
+        path, rel = resolve_image_uri(det["uri"], root=demo.image_root)
+        image = decode_image(read_limited(path, max_bytes=demo.settings.max_image_bytes),
+                             max_pixels=demo.settings.max_image_pixels)  # fmt: skip
+        bbox = BBox(det["bbox_x"], det["bbox_y"], det["bbox_w"], det["bbox_h"])
+        requests.append(IdentifyRequest(
+            site_id=det["site_id"], camera_id=det["camera_id"], image_uri=rel, captured_at=det["captured_at"],
+            width=image.width, height=image.height, bbox=bbox, crop=crop(image, bbox),
+        ))  # fmt: skip
+    try:
+        return await identifier.identify_batch(requests)
+    finally:
+        await buffer.close()
+        await pool.close()
+
+
+def score_log(conn: psycopg.Connection[Any], detection_id: int, *, source: str) -> dict[int, tuple[Any, ...]]:
+    """deer id -> (similarity, rank, matched, threshold, model version) of one detection's logged rows."""
+    rows = conn.execute(
+        "SELECT deer_id, similarity, rank, matched, threshold, model_version FROM reid_similarity_scores"
+        " WHERE detection_id = %s AND source = %s",
+        (detection_id, source),
+    )
+    return {r["deer_id"]: (r["similarity"], r["rank"], r["matched"], r["threshold"], r["model_version"]) for r in rows}
+
+
+def test_backfill_scores_equal_what_the_online_identifier_computes_for_the_same_crops(
     demo: Demo, fresh: psycopg.Connection[Any]
 ) -> None:
-    """The online path: full decode, crop, Embedder.embed_crops, the site gallery's max cosine."""
     result = run_backfill(small_options(mode="all", limit=24), settings=demo.settings)
     assert result.detections == 24
-    embedder = Embedder(small_options().spec)
     sample = fresh.execute(
-        "SELECT d.id, c.site_id, i.uri, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h FROM detections d"
-        " JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id"
+        "SELECT d.id, c.site_id, i.camera_id, i.uri, i.captured_at, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h"
+        " FROM detections d JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id"
         " WHERE d.decision <> 'manual' AND d.id IN (SELECT detection_id FROM reid_similarity_scores) ORDER BY d.id"
-        " LIMIT 4"
+        " LIMIT 6"
     ).fetchall()
-    assert sample
-    from PIL import Image
-
-    def embed_missing(rows: Any) -> np.ndarray:
-        return embedder.embed_crops([crop(Image.open(demo.image_root / r.uri).convert("RGB"), r.bbox) for r in rows])
-
-    with psycopg.connect(demo.dsn) as conn:
-        for det in sample:
-            gallery = load_gallery(conn, det["site_id"], model_version=embedder.model_version,
-                                   embed_missing=embed_missing)  # fmt: skip
-            image = Image.open(demo.image_root / det["uri"]).convert("RGB")
-            vector = embedder.embed_crops([crop(image, BBox(det["bbox_x"], det["bbox_y"], det["bbox_w"],
-                                                            det["bbox_h"]))])  # fmt: skip
-            online = dict(zip(gallery.deer_ids, gallery.score(vector)[0].tolist(), strict=True))
-            stored = {
-                r["deer_id"]: r["similarity"]
-                for r in fresh.execute(
-                    "SELECT deer_id, similarity FROM reid_similarity_scores WHERE detection_id = %s", (det["id"],)
-                )
-            }
-            assert stored.keys() == online.keys()
-            assert max(abs(stored[k] - online[k]) for k in stored) < 1e-5
+    assert len({det["site_id"] for det in sample}) == 2
+    answers = asyncio.run(identify_online(demo, sample))
+    try:
+        for det, answer in zip(sample, answers, strict=True):
+            backfill = score_log(fresh, det["id"], source="backfill")
+            online = score_log(fresh, answer.detection_id, source="online")
+            assert backfill and backfill.keys() == online.keys() == {c.deer_id for c in answer.candidates}
+            for deer_id, (similarity, *rest) in backfill.items():
+                assert abs(similarity - online[deer_id][0]) < 1e-5
+                assert rest == list(online[deer_id][1:])  # same rank, decision, threshold and model version
+            best = min(backfill, key=lambda deer_id: backfill[deer_id][1])
+            assert answer.top1_similarity == pytest.approx(backfill[best][0], abs=1e-5)
+    finally:
+        fresh.execute("DELETE FROM detections WHERE id = ANY(%s)", ([a.detection_id for a in answers],))
 
 
 def test_dry_run_writes_nothing_and_reports_a_sample(demo: Demo, fresh: psycopg.Connection[Any]) -> None:
@@ -131,5 +166,3 @@ def test_apply_assignments_never_touches_manual_and_records_every_change(
     ).fetchone()["n"]
     assert mismatched == 0
     assert fresh.execute("SELECT count(*) AS n FROM detections WHERE embedding IS NULL").fetchone()["n"] == 0
-    assert Path(demo.image_root).is_dir()
-    assert SMALL["architecture"] == "resnet18"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +16,37 @@ import psycopg
 import pytest
 import ray
 
-from batch.backfill import run_backfill
+from batch import runs
+from batch.backfill import main, run_backfill
+from batch.runs import RunLocked
+from serve_app.config import Settings
 from serve_app.store.db import connect
-from tests.batch.conftest import Demo
+from tests.batch.conftest import Demo, small_options
 from tests.batch.test_backfill import duplicates, expected_rows
 
 ROOT = Path(__file__).resolve().parents[2]
+WAIT_S = 120
+
+
+def wait_until_unlocked(dsn: str, run_id: uuid.UUID) -> None:
+    """Wait until no driver holds the run's lock (a killed driver's session ends a moment after it)."""
+    deadline = time.monotonic() + WAIT_S
+    with connect(dsn, autocommit=True) as probe:
+        while not runs.try_lock_run(probe, run_id):
+            assert time.monotonic() < deadline, f"run {run_id} still locked after {WAIT_S} s"
+            time.sleep(0.05)
+
+
+def end_sessions_waiting_for(conn: psycopg.Connection[Any]) -> None:
+    """End the sessions blocked by ``conn``'s locks (a killed driver's last blocks) and wait until they are gone."""
+    deadline = time.monotonic() + WAIT_S
+    pid = conn.info.backend_pid
+    sql = "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+    with connect(conn.info.dsn, autocommit=True) as admin:
+        while waiting := [r["pid"] for r in admin.execute(sql, (pid,))]:
+            assert time.monotonic() < deadline, f"sessions {waiting} still wait for the gate"
+            admin.execute("SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) AS p", (waiting,))
+            time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -56,7 +82,9 @@ def test_killed_run_resumes_without_duplicates_or_gaps(demo: Demo, fresh: psycop
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-            time.sleep(2)  # the dead driver's workers are torn down while their last block waits for the lock
+            # The dead driver's blocks that wait for the gate would land whenever its workers die: end them
+            # now, so what the run holds is what it had when it was killed.
+            end_sessions_waiting_for(gate)
             gate.rollback()
     assert run is not None and 0 < run["done"] < run["total"], f"not caught mid-run: {run}"
     run_id = uuid.UUID(str(run["id"]))
@@ -65,7 +93,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(demo: Demo, fresh: psycop
     partial = fresh.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"]
     assert 0 < partial < expected_rows(fresh)
 
-    # A worker still alive after the kill could commit a waiting block now: it would conflict, not duplicate.
+    wait_until_unlocked(demo.dsn, run_id)
     result = run_backfill(None, settings=demo.settings, resume=run_id)
     assert result.state == "completed" and result.run_id == run_id
     assert result.total < run["total"]  # only what was left
@@ -81,3 +109,39 @@ def test_killed_run_resumes_without_duplicates_or_gaps(demo: Demo, fresh: psycop
     final = fresh.execute("SELECT state, done, total, score_rows FROM backfill_runs WHERE id = %s", (run_id,))
     row = final.fetchone()
     assert row["state"] == "completed" and row["done"] == row["total"] and row["score_rows"] == expected_rows(fresh)
+
+
+@pytest.mark.usefixtures("ray_session", "keep_sigterm")
+def test_a_second_resume_of_a_run_another_driver_holds_is_refused_and_nothing_is_counted_twice(
+    demo: Demo, fresh: psycopg.Connection[Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Some images are gone, so the run has failed detections that a resume reads again.
+    root = tmp_path / "images"
+    shutil.copytree(demo.image_root, root)
+    gone = [r["uri"] for r in fresh.execute(
+        "SELECT i.uri FROM images i JOIN detections d ON d.image_id = i.id WHERE d.decision <> 'manual'"
+        " ORDER BY d.id DESC LIMIT 3"
+    )]  # fmt: skip
+    for uri in gone:
+        (root / uri).unlink()
+    settings = Settings(environment="test", database_url=demo.dsn, image_root=root)
+    first = run_backfill(small_options(mode="all", rows_per_block=16), settings=settings)
+    assert first.state == "completed" and first.failed == len(gone) and first.run_id is not None
+    run_id = first.run_id
+    # Another driver is resuming the run: it holds the run's lock, as a driver does while it works.
+    fresh.execute("UPDATE backfill_runs SET state = 'running', finished_at = NULL WHERE id = %s", (run_id,))
+    before = fresh.execute("SELECT * FROM backfill_runs WHERE id = %s", (run_id,)).fetchone()
+    with connect(demo.dsn) as other:
+        assert runs.try_lock_run(other, run_id)
+        with pytest.raises(RunLocked, match="being resumed by another driver"):
+            run_backfill(None, settings=settings, resume=run_id)
+        rc = main(["--resume", str(run_id), "--database-url", demo.dsn, "--image-root", str(root)])
+        assert rc != 0 and "being resumed by another driver" in capsys.readouterr().err
+        assert fresh.execute("SELECT * FROM backfill_runs WHERE id = %s", (run_id,)).fetchone() == before
+
+    # Once the other driver is gone, the resume reads the failed detections again and counts them once.
+    wait_until_unlocked(demo.dsn, run_id)
+    again = run_backfill(None, settings=settings, resume=run_id)
+    assert again.state == "completed" and (again.total, again.failed) == (len(gone), len(gone))
+    row = fresh.execute("SELECT state, done, failed, total FROM backfill_runs WHERE id = %s", (run_id,)).fetchone()
+    assert (row["state"], row["done"], row["failed"]) == ("completed", row["total"] - len(gone), len(gone))
