@@ -51,7 +51,7 @@ class ReIDUserConfig(BaseModel):
 
 
 class ScoreLogArgs(BaseModel):
-    """The score buffer's bounds (rows), flush cadence (seconds) and concurrent COPY writers."""
+    """The score buffer's bounds (rows), flush cadence and chunk-id retention (seconds), concurrent COPY writers."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +60,7 @@ class ScoreLogArgs(BaseModel):
     flush_interval_s: float = Field(default=0.5, gt=0)
     write_timeout_s: float = Field(default=10.0, gt=0)
     writers: int = Field(default=2, ge=1, le=8)
+    chunk_id_retention_s: float = Field(default=86_400.0, gt=0)
 
 
 class ReIDArgs(BaseModel):
@@ -173,6 +174,7 @@ class ReIDDeployment:
             "scores": {
                 "written": s.written,
                 "dropped": s.dropped,
+                "dropped_by_reason": dict(s.dropped_by_reason),
                 "pending": self.buffer.pending,
                 "failed_flushes": s.failed_flushes,
                 "last_error": s.last_error,

@@ -28,7 +28,9 @@ def _metrics() -> dict[str, Any]:
         ),
         "written": metrics.Counter("trailcam_score_rows_written_total", description="Score rows written."),
         "dropped": metrics.Counter(
-            "trailcam_score_rows_dropped_total", description="Score rows dropped (buffer full or refused)."
+            "trailcam_score_rows_dropped_total",
+            description="Score rows dropped, by reason (buffer_full, reference_missing, refused, shutdown, ...).",
+            tag_keys=("reason",),
         ),
         "batch": metrics.Histogram(
             "trailcam_reid_batch_size", description="Crops per ReID batch.", boundaries=BATCH_SIZE_BOUNDARIES
@@ -54,6 +56,6 @@ def record_written(n: int) -> None:
     _metrics()["written"].inc(n)
 
 
-def record_dropped(n: int) -> None:
-    """Count score rows dropped."""
-    _metrics()["dropped"].inc(n)
+def record_dropped(n: int, reason: str) -> None:
+    """Count score rows dropped, tagged with why (ScoreBuffer's reasons)."""
+    _metrics()["dropped"].inc(n, tags={"reason": reason})

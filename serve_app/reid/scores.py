@@ -1,7 +1,8 @@
 """The similarity log: one ScoreRow per detection x profile, written with binary COPY.
 
 ``copy_scores`` (sync connection, batch jobs) and ``copy_scores_async`` (async connection) share one
-COPY statement; :class:`serve_app.reid.score_buffer.ScoreBuffer` batches rows for the online path.
+COPY statement; :class:`serve_app.reid.score_buffer.ScoreBuffer` batches rows for the online path, in chunks
+recorded in ``score_log_chunks`` (``claim_chunk``) so that a retried chunk is written once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import psycopg
+from psycopg.rows import tuple_row
 
 Source = Literal["online", "backfill"]
 
@@ -31,6 +33,16 @@ COLUMNS = (
     "computed_at",
 )
 COPY_SQL = f"COPY reid_similarity_scores ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+# On a conflict with a transaction still in flight, the INSERT waits for it: a chunk is claimed at most once.
+CLAIM_CHUNK_SQL = "INSERT INTO score_log_chunks (id, rows) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING RETURNING id"
+CHUNK_ROWS_SQL = "SELECT rows FROM score_log_chunks WHERE id = %s"
+PRUNE_CHUNKS_SQL = "DELETE FROM score_log_chunks WHERE written_at < now() - make_interval(secs => %s)"
+# The referenced rows that still exist, locked FOR KEY SHARE (as the reference check does) until commit.
+LIVE_REFERENCES_SQL = (
+    "WITH d AS (SELECT id FROM detections WHERE id = ANY(%(detections)s) ORDER BY id FOR KEY SHARE),"
+    " e AS (SELECT id FROM deer WHERE id = ANY(%(deer)s) ORDER BY id FOR KEY SHARE)"
+    " SELECT 'detection' AS noun, id FROM d UNION ALL SELECT 'deer', id FROM e"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +186,33 @@ async def copy_scores_async(conn: psycopg.AsyncConnection[Any], rows: Sequence[S
     async with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
         await copy.write(encode_binary(rows))
     return len(rows)
+
+
+async def claim_chunk(conn: psycopg.AsyncConnection[Any], *, chunk_id: uuid.UUID, rows: int) -> int | None:
+    """Record a chunk as written by the open transaction; None, or the rows an earlier commit of it wrote."""
+    cur = conn.cursor(row_factory=tuple_row)
+    await cur.execute(CLAIM_CHUNK_SQL, (chunk_id, rows))
+    if await cur.fetchone() is not None:
+        return None
+    await cur.execute(CHUNK_ROWS_SQL, (chunk_id,))
+    found = await cur.fetchone()
+    return int(found[0]) if found is not None else 0
+
+
+async def rows_with_live_references(conn: psycopg.AsyncConnection[Any], rows: Sequence[ScoreRow]) -> list[ScoreRow]:
+    """The rows whose detection and deer still exist, those locked until commit (so the COPY cannot be refused)."""
+    cur = conn.cursor(row_factory=tuple_row)
+    await cur.execute(
+        LIVE_REFERENCES_SQL,
+        {"detections": sorted({r.detection_id for r in rows}), "deer": sorted({r.deer_id for r in rows})},
+    )
+    live: dict[str, set[int]] = {"detection": set(), "deer": set()}
+    for noun, ref_id in await cur.fetchall():
+        live[str(noun)].add(int(ref_id))
+    return [r for r in rows if r.detection_id in live["detection"] and r.deer_id in live["deer"]]
+
+
+async def prune_chunks(conn: psycopg.AsyncConnection[Any], *, older_than_s: float) -> int:
+    """Forget chunk ids older than ``older_than_s`` seconds (the caller commits); returns how many."""
+    cur = await conn.execute(PRUNE_CHUNKS_SQL, (older_than_s,))
+    return cur.rowcount

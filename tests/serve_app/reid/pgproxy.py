@@ -1,10 +1,29 @@
-"""A loopback TCP proxy in front of Postgres that a test can cut and restore (Postgres "down" for one client)."""
+"""A loopback TCP proxy in front of Postgres that a test can cut and restore (Postgres "down" for one client).
+
+It can also break the next COMMIT a client sends, so that the client cannot know whether it landed:
+``lost_after`` forwards it, lets Postgres commit and answer, then drops the connection before the answer
+reaches the client; ``lost_before`` drops the connection without forwarding it (nothing commits);
+``stall`` forwards it and withholds the answer, leaving the connection open (the client times out).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, Literal
+
+CommitFault = Literal["lost_after", "lost_before", "stall"]
+
+# A simple-protocol Query message carrying exactly "COMMIT" (psycopg's transaction blocks end with one).
+COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+
+class _Link:
+    """One proxied client connection and what a commit fault has done to it."""
+
+    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self.client, self.upstream = client, upstream
+        self.fault: CommitFault | None = None
 
 
 class PgProxy:
@@ -16,6 +35,8 @@ class PgProxy:
         self.loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._commit_faults: list[CommitFault] = []
+        self.commit_faults_done = 0
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.restore()
@@ -23,15 +44,39 @@ class PgProxy:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client_to_server(self, reader: asyncio.StreamReader, link: _Link) -> None:
         try:
             while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+                if COMMIT_MESSAGE in data and self._commit_faults:
+                    link.fault = self._commit_faults.pop(0)
+                    if link.fault == "lost_before":
+                        self.commit_faults_done += 1
+                        break
+                link.upstream.write(data)
+                await link.upstream.drain()
         except (ConnectionError, OSError):
             pass
         finally:
-            writer.close()
+            link.upstream.close()
+            if link.fault == "lost_before":
+                link.client.close()
+
+    async def _server_to_client(self, reader: asyncio.StreamReader, link: _Link) -> None:
+        try:
+            while data := await reader.read(65536):
+                if link.fault in ("lost_after", "stall"):
+                    # The COMMIT's answer: Postgres has committed; the client never hears of it.
+                    self.commit_faults_done += 1
+                    if link.fault == "lost_after":
+                        link.upstream.close()
+                        break
+                    continue
+                link.client.write(data)
+                await link.client.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            link.client.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -40,7 +85,8 @@ class PgProxy:
             writer.close()
             return
         self._writers.update({writer, up_writer})
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        link = _Link(writer, up_writer)
+        await asyncio.gather(self._client_to_server(reader, link), self._server_to_client(up_reader, link))
 
     async def _start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
@@ -53,6 +99,9 @@ class PgProxy:
             w.close()
         self._writers.clear()
 
+    async def _add_fault(self, fault: CommitFault) -> None:
+        self._commit_faults.append(fault)
+
     def restore(self) -> None:
         """Accept and forward connections again."""
         self._call(self._start())
@@ -60,6 +109,10 @@ class PgProxy:
     def cut(self) -> None:
         """Close every proxied connection and stop listening."""
         self._call(self._stop())
+
+    def break_next_commit(self, fault: CommitFault) -> None:
+        """Break the next COMMIT any client sends through the proxy (``commit_faults_done`` counts those done)."""
+        self._call(self._add_fault(fault))
 
     def close(self) -> None:
         """Stop the proxy and its thread."""

@@ -22,6 +22,7 @@ from serve_app.reid.preprocessing import BBox, crop
 from serve_app.reid.score_buffer import BufferLimits, ScoreBuffer
 from serve_app.reid.scores import copy_scores, score_rows
 from tests import factories
+from tests.serve_app.reid.waiting import wait_until_async
 
 SMALL = ModelSpec(architecture="resnet18", weights="random", seed=7, input_size_px=64)
 
@@ -163,30 +164,27 @@ def test_score_buffer_keeps_rows_while_postgres_is_unreachable_and_counts_overfl
     rows = score_rows(
         det, deer_ids=deer, similarities=np.asarray([0.1, 0.2]), threshold=0.5, assigned_deer_id=None, model_version="m"
     )
-    dropped: list[int] = []
+    dropped: list[tuple[int, str]] = []
 
     async def scenario() -> tuple[int, int]:
         buffer = ScoreBuffer(
             f"postgresql://postgres@127.0.0.1:{free_port()}/x",
             limits=BufferLimits(max_buffered_rows=5, flush_rows=100, flush_interval_s=0.05),
-            on_dropped=dropped.append,
+            on_dropped=lambda n, reason: dropped.append((n, reason)),
         )
         buffer.start()
         for _ in range(4):
             buffer.add(rows)
-        await asyncio.sleep(0.3)
         assert buffer.pending == 5
-        assert buffer.stats.failed_flushes >= 1
+        await wait_until_async(lambda: buffer.stats.failed_flushes >= 1, what="a failed flush")
+        assert (buffer.pending, buffer.stats.written) == (5, 0)
         buffer.dsn = database_url
-        for _ in range(100):
-            if not buffer.pending:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until_async(lambda: buffer.pending == 0, what="the kept rows written once Postgres is reachable")
         await buffer.close()
         return buffer.stats.written, buffer.stats.dropped
 
     written, dropped_n = asyncio.run(scenario())
-    assert (written, dropped_n, sum(dropped)) == (5, 3, 3)
+    assert (written, dropped_n, dropped) == (5, 3, [(1, "buffer_full"), (2, "buffer_full")])
     assert db.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone() == {"n": 5}
 
 
@@ -212,20 +210,33 @@ def test_score_buffer_writers_go_on_past_a_stuck_copy_and_close_writes_its_rows(
         )
     ]
 
+    async def copies_waiting_on_a_lock(watcher: psycopg.AsyncConnection[Any]) -> set[int]:
+        cur = await watcher.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND query LIKE 'COPY%%'"
+        )
+        return {int(r[0]) for r in await cur.fetchall()}
+
     async def scenario() -> ScoreBuffer:
         # flush_rows 50 = 5 detections per COPY; the first COPY holds the locked detection.
         buffer = ScoreBuffer(database_url, limits=BufferLimits(flush_rows=50, write_timeout_s=30, writers=2))
-        async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+        async with (
+            await psycopg.AsyncConnection.connect(database_url) as blocker,
+            await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watcher,
+        ):
             await blocker.execute("SELECT 1 FROM detections WHERE id = %s FOR UPDATE", (dets[0],))
             buffer.start()
             buffer.add(rows)
-            for _ in range(200):
-                if buffer.stats.written == 150:
-                    break
-                await asyncio.sleep(0.05)
-            assert (buffer.stats.written, buffer.pending) == (150, 50)
+            await wait_until_async(lambda: buffer.stats.written == 150, what="the unblocked chunks written")
+            stuck = await wait_until_async(lambda: copies_waiting_on_a_lock(watcher), what="the COPY on the lock")
+            assert len(stuck) == 1 and buffer.pending == 50
             closing = asyncio.create_task(buffer.close(timeout_s=20))
-            await asyncio.sleep(0.5)
+
+            async def retried_or_closed() -> bool:
+                return closing.done() or bool(await copies_waiting_on_a_lock(watcher) - stuck)
+
+            # close() cancels the stuck COPY and writes its rows again: wait for that COPY to block on the lock.
+            await wait_until_async(retried_or_closed, what="close() writing the cancelled COPY's rows again")
             assert not closing.done() and buffer.pending == 50
             await blocker.rollback()
             await closing
