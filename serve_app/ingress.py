@@ -12,7 +12,7 @@ from ray import serve
 
 from serve_app.api import exports, health, reid_routes
 from serve_app.api import reports as threshold_reports
-from serve_app.api.deps import RequireBearer
+from serve_app.api.guards import LimitBody, RequireKey
 from serve_app.api.problems import COMMON_RESPONSES, install_problem_handlers
 from serve_app.config import Settings
 from serve_app.resources import Resources
@@ -46,7 +46,9 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.readiness_checks = dict(health.READINESS_CHECKS)
     install_problem_handlers(app)
-    app.add_middleware(RequireBearer)
+    # Added last runs first: the body limit, then the key, then the routes (which parse bodies).
+    app.add_middleware(RequireKey)
+    app.add_middleware(LimitBody, settings=settings)
     app.include_router(health.router)
     app.include_router(threshold_reports.router)
     app.include_router(exports.router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ from serve_app.config import get_settings
 from serve_app.store.db import connect
 
 KEY_PREFIX = "tcr_"
+KEY_TOKEN_BYTES = 32
+"""Random bytes in a key after its prefix (urlsafe base64: 43 characters)."""
+STORED_PREFIX_CHARS = 8
+"""Leading characters of a key kept in clear (api_keys.prefix) to find its row without its digest."""
+_KEY_FORMAT = re.compile(r"tcr_[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,17 @@ def hash_key(key: str, *, pepper: str) -> str:
 
 def new_key() -> str:
     """A fresh random key (256 bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_TOKEN_BYTES)
+
+
+def looks_like_key(token: str) -> bool:
+    """Whether a token has the shape of a key; anything else is refused without asking Postgres."""
+    return _KEY_FORMAT.fullmatch(token) is not None
+
+
+def key_prefix(key: str) -> str:
+    """The part of a key stored in clear: it finds the row, the digest comparison decides."""
+    return key[:STORED_PREFIX_CHARS]
 
 
 def parse_sites(text: str) -> list[int] | None:
@@ -72,7 +88,7 @@ def create_key(conn: psycopg.Connection[Any], *, sites: list[int] | None, pepper
     key = new_key()
     conn.execute(
         "INSERT INTO api_keys (key_hash, prefix, all_sites, site_ids, label) VALUES (%s, %s, %s, %s, %s)",
-        (hash_key(key, pepper=pepper), key[:8], sites is None, sites or [], label),
+        (hash_key(key, pepper=pepper), key_prefix(key), sites is None, sites or [], label),
     )
     conn.commit()
     return key
@@ -98,7 +114,10 @@ def principal_from_row(row: dict[str, Any]) -> Principal:
     return Principal(key_id=int(row["id"]), all_sites=bool(row["all_sites"]), site_ids=frozenset(row["site_ids"] or ()))
 
 
-LOOKUP_SQL = "SELECT id, key_hash, all_sites, site_ids FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
+# Active keys by their stored prefixes; the caller compares digests (digests_match) to pick the key.
+LOOKUP_SQL = (
+    "SELECT id, prefix, key_hash, all_sites, site_ids FROM api_keys WHERE prefix = ANY(%s) AND revoked_at IS NULL"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

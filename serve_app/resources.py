@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
@@ -13,7 +12,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from serve_app.config import Settings
-from serve_app.keys import Principal
+from serve_app.keyring import KeyVerifier
 from serve_app.store.db import make_pool
 
 logger = logging.getLogger(__name__)
@@ -26,9 +25,7 @@ class Resources:
     settings: Settings
     pool: AsyncConnectionPool
     redis: aioredis.Redis
-    key_cache: dict[str, tuple[Principal, float]] = field(default_factory=dict)
-    # Lookups in flight by key digest: concurrent requests with one uncached key share one query.
-    key_lookups: dict[str, asyncio.Future[Principal]] = field(default_factory=dict)
+    keys: KeyVerifier
 
     @classmethod
     def create(cls, settings: Settings) -> Resources:
@@ -44,15 +41,16 @@ class Resources:
             decode_responses=True,
             retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
         )
-        return cls(
-            settings=settings, pool=make_pool(settings.database_dsn, max_size=settings.db_pool_max), redis=client
-        )
+        pool = make_pool(settings.database_dsn, max_size=settings.db_pool_max)
+        keys = KeyVerifier(pool, pepper=settings.key_pepper, cache_s=settings.key_cache_s)
+        return cls(settings=settings, pool=pool, redis=client, keys=keys)
 
     async def open(self) -> None:
         """Open the Postgres pool without waiting: the app starts even while Postgres is down."""
         await self.pool.open(wait=False)
 
     async def close(self) -> None:
-        """Close both clients."""
+        """Close both clients (key lookups first: they use the pool)."""
+        await self.keys.close()
         await self.pool.close()
         await self.redis.aclose()

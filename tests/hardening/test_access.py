@@ -17,7 +17,6 @@ import psycopg
 import pytest
 import yaml
 
-from serve_app.api import deps
 from tests import factories
 from tests.hardening.conftest import SiteData, export_body, make_site, wait_final
 
@@ -118,27 +117,105 @@ def test_every_api_route_answers_401_without_a_valid_key(serve_url: str, db: psy
                 assert resp.headers["www-authenticate"] == "Bearer"
 
 
-def test_keys_are_compared_in_constant_time(
+def test_keys_are_found_by_prefix_and_their_digests_compared_in_constant_time(
     database_url: str, db: psycopg.Connection[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A token sharing a stored key's prefix is refused by comparing the two digests (hmac.compare_digest),
+    not by a lookup on the presented digest that never compares anything."""
+    from serve_app import keys
     from serve_app.ingress import create_app
     from serve_app.keys import hash_key
     from tests.fixtures.ray_cluster import app_settings
 
     key = factories.api_key(db)
+    forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")  # same prefix, another key
     compared: list[tuple[bytes, bytes]] = []
-    real = deps.digests_match.__globals__["hmac"].compare_digest
+    real = keys.hmac.compare_digest
 
     def spy(x: bytes, y: bytes) -> bool:
         compared.append((x, y))
         return bool(real(x, y))
 
-    monkeypatch.setattr(deps.digests_match.__globals__["hmac"], "compare_digest", spy)
+    monkeypatch.setattr(keys.hmac, "compare_digest", spy)
     app = create_app(app_settings(database_url, "redis://127.0.0.1:6379/0", tmp_path))
-    status = asyncio.run(_get(app, "/api/deer", {"Authorization": f"Bearer {key}"}))
-    assert status == 200
-    digest = hash_key(key, pepper=factories.TEST_PEPPER).encode()
-    assert (digest, digest) in compared  # the stored and the presented digest went through compare_digest
+    statuses = asyncio.run(_get_all(app, "/api/deer", [{"Authorization": f"Bearer {t}"} for t in (key, forged)]))
+    assert statuses == [200, 401]
+    stored = hash_key(key, pepper=factories.TEST_PEPPER).encode()
+    presented = hash_key(forged, pepper=factories.TEST_PEPPER).encode()
+    assert (stored, stored) in compared  # the valid key: stored and presented digests compared
+    assert (stored, presented) in compared  # the forged one was compared with the stored digest and lost
+
+
+def test_tokens_that_cannot_be_keys_are_refused_without_waiting_for_postgres(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """Malformed tokens, and a token refused a moment ago, answer 401 while the key table is locked."""
+    from serve_app.ingress import create_app
+    from tests.fixtures.ray_cluster import app_settings
+
+    factories.api_key(db)
+    refused = "tcr_" + "Z" * 43  # well-formed, not a key
+    malformed = ["tcr_not-a-key", "x" * 47, "tcr_" + "A" * 42 + "!", "tcr_" + "A" * 500]
+    app = create_app(app_settings(database_url, "redis://127.0.0.1:6379/0", tmp_path))
+
+    async def run() -> tuple[int, list[int]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=10) as client:
+                first = (await client.get("/api/deer", headers={"Authorization": f"Bearer {refused}"})).status_code
+                with psycopg.connect(database_url) as locker:  # any key query now waits behind this lock
+                    locker.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+                    tokens = [refused] * 20 + malformed * 5
+                    calls = (client.get("/api/deer", headers={"Authorization": f"Bearer {t}"}) for t in tokens)
+                    # ASGITransport has no timeouts: a deadline, so a lookup stuck on the lock fails the test.
+                    answers = await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
+                    locker.rollback()
+                return first, [a.status_code for a in answers]
+
+    first, statuses = asyncio.run(run())
+    assert first == 401
+    assert statuses == [401] * 40
+
+
+def test_a_flood_of_invalid_tokens_does_not_delay_valid_keys(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """300 random well-formed tokens and 20 valid-key requests at once, against a slow Postgres (every answer
+    0.25 s late, 8 pooled connections): each invalid one gets 401, each valid one 200, none 503, and the
+    invalid tokens cost a bounded number of key queries instead of one pooled connection each."""
+    import secrets
+
+    from serve_app.ingress import create_app
+    from serve_app.store.db import with_database
+    from tests.fixtures.ray_cluster import app_settings, free_port
+    from tests.hardening.latency_proxy import LatencyProxy
+
+    key = factories.api_key(db)
+    proxy = LatencyProxy(free_port(), delay_s=0.25)
+    slow_url = with_database(f"postgresql://postgres@127.0.0.1:{proxy.port}/x", database_url.rsplit("/", 1)[1])
+    app = create_app(app_settings(slow_url, "redis://127.0.0.1:6379/0", tmp_path, db_pool_max=8))
+
+    async def flood() -> tuple[list[int], list[int], int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=60) as client:
+
+                def get(token: str) -> Any:
+                    return asyncio.ensure_future(client.get("/api/deer", headers={"Authorization": f"Bearer {token}"}))
+
+                invalid = [get("tcr_" + secrets.token_urlsafe(32)) for _ in range(300)]
+                valid = [get(key) for _ in range(20)]  # sent after the flood: behind it in any queue
+                bad = [r.status_code for r in await asyncio.gather(*invalid)]
+                good = [r.status_code for r in await asyncio.gather(*valid)]
+                return bad, good, app.state.resources.keys.queries
+
+    try:
+        bad, good, queries = asyncio.run(flood())
+    finally:
+        proxy.close()
+    assert good == [200] * 20, sorted(set(good))
+    assert bad == [401] * 300, sorted(set(bad))
+    assert queries <= 10, f"{queries} key queries for 320 requests"
 
 
 def test_a_burst_with_an_uncached_key_waits_for_one_lookup(
@@ -151,7 +228,7 @@ def test_a_burst_with_an_uncached_key_waits_for_one_lookup(
     key = factories.api_key(db)
     app = create_app(app_settings(database_url, "redis://127.0.0.1:6379/0", tmp_path, db_pool_max=4))
 
-    async def burst() -> tuple[int, list[int]]:
+    async def burst() -> tuple[int, list[int], int]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
@@ -163,18 +240,21 @@ def test_a_burst_with_an_uncached_key_waits_for_one_lookup(
                         )
                         for _ in range(30)
                     ]
-                    for _ in range(100):  # up to 10 s for the first lookup to reach the lock
-                        if _waiting_on_locks(db):
-                            break
-                        await asyncio.sleep(0.1)
-                    await asyncio.sleep(1.0)  # let any further lookups reach Postgres too
+                    keys = app.state.resources.keys
+                    deadline = time.monotonic() + 30
+                    # Every request has reached the key check and the lookup waits behind the lock.
+                    while not (keys.waiting == 30 and _waiting_on_locks(db) >= 1):
+                        assert time.monotonic() < deadline, (keys.waiting, _waiting_on_locks(db))
+                        await asyncio.sleep(0.05)
                     blocked = _waiting_on_locks(db)
                     locker.rollback()
-                return blocked, [r.status_code for r in await asyncio.gather(*requests)]
+                statuses = [r.status_code for r in await asyncio.gather(*requests)]
+                return blocked, statuses, keys.queries
 
-    blocked, statuses = asyncio.run(burst())
+    blocked, statuses, queries = asyncio.run(burst())
     assert blocked == 1, f"key lookups waiting in Postgres: {blocked}"
-    assert statuses == [404] * 30  # every request was authenticated by the one lookup
+    assert statuses == [404] * 30  # every request was authenticated
+    assert queries == 1  # by the one lookup
 
 
 def _waiting_on_locks(db: psycopg.Connection[Any]) -> int:
@@ -184,11 +264,11 @@ def _waiting_on_locks(db: psycopg.Connection[Any]) -> int:
     return int(row["n"])
 
 
-async def _get(app: Any, path: str, headers: dict[str, str]) -> int:
+async def _get_all(app: Any, path: str, headers: list[dict[str, str]]) -> list[int]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return (await client.get(path, headers=headers)).status_code
+            return [(await client.get(path, headers=h)).status_code for h in headers]
 
 
 async def _requests_with_key(app: Any, key: str) -> None:
@@ -222,20 +302,30 @@ def test_keys_never_appear_in_logs(
     asyncio.run(_requests_with_key(app, key))
     assert caplog.records, "nothing was logged, so the check proves nothing"
     assert secret not in caplog.text
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+    def log_files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", "")}
+
+    def refusals_logged() -> int:  # access-log lines of the export GET with the bad key (proxy and replica)
+        return sum(text.count(b"GET /api/exports/{job_id} 401") for text in log_files().values())
+
+    before = refusals_logged()
     # The same requests through Serve: replica, proxy and access logs of this Ray session.
     with httpx.Client(base_url=serve_url, timeout=30) as client:
         for headers in ({"Authorization": f"Bearer {key}"}, {"Authorization": f"Bearer {key}x"}):
             client.get("/api/deer", headers=headers)
             client.get(f"/api/deer/{MISSING_ID}", headers=headers)
             client.get("/api/exports/unknown", headers=headers)
-    time.sleep(2.0)  # log files are flushed asynchronously
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    scanned = 0
-    for path in logs.rglob("*"):
-        if path.is_file() and path.suffix in (".log", ".out", ".err", ""):
-            scanned += 1
-            assert secret.encode() not in path.read_bytes(), f"the key appears in {path}"
-    assert scanned > 0
+    # Log files are written asynchronously: wait until the proxy and the replica have logged the requests.
+    deadline = time.monotonic() + 60
+    while refusals_logged() < before + 2:
+        assert time.monotonic() < deadline, "the requests never reached the Serve logs"
+        time.sleep(0.2)
+    scanned = log_files()
+    for path, text in scanned.items():
+        assert secret.encode() not in text, f"the key appears in {path}"
+    assert scanned
 
 
 def _ray_start_flags(script: str) -> dict[str, str]:
