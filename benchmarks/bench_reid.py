@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--score-table-rows", type=int, default=1_000_000, help="score rows already in the table the cases write to"
     )
+    parser.add_argument(
+        "--score-log-only", action="store_true", help="only the score log cases (results in reid_score_log.json)"
+    )
     args = parser.parse_args(argv)
     settings = bench_settings()
     key = prepare_database(settings)
@@ -319,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
         insert_detections=args.insert_detections,
         table_rows=args.score_table_rows,
     )
+    if args.score_log_only:
+        write_results("reid_score_log", score_rows_out, meta={"started_at": started.isoformat()})
+        return
     rounds = serve_and_raw(
         settings, key, uris, duration_s=args.duration_s, raw_iterations=args.raw_iterations, rounds=args.rounds
     )
