@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 
 from serve_app.api.deps import PrincipalDep, ResourcesDep
-from serve_app.api.problems import Problem
+from serve_app.api.problems import Problem, rule_errors
 from serve_app.config import Settings
 from serve_app.errors import ImageConflict, NotFound, TrailcamError
 from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri, store_upload, upload_uri
@@ -98,7 +98,7 @@ async def camera_site(resources: Resources, camera_id: int, principal: Principal
 
 def _prepare(data: bytes, *, bbox: BBox, settings: Settings) -> tuple[Any, int, int]:
     image = decode_image(data, max_pixels=settings.max_image_pixels)
-    return crop(image, bbox), image.width, image.height
+    return crop(image, bbox, max_side_px=settings.crop_max_side_px), image.width, image.height
 
 
 def _load_uri(path: Path, settings: Settings) -> bytes:
@@ -201,40 +201,42 @@ async def identify(request: Request, items: list[IdentifyRequest]) -> list[Ident
     return list(results)
 
 
+UPLOAD_FIELDS = ("image", "camera_id", "captured_at", "bbox")
+
+
 async def _read_upload(request: Request, settings: Settings) -> tuple[DetectionIn, bytes]:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64_000:
-        raise Problem(413, "upload-too-large", f"upload exceeds {settings.max_upload_bytes} bytes")
+    """The multipart form (its size was capped by the LimitBody middleware); every failure listed at once."""
     form = await request.form(max_files=1, max_fields=10)
+    errors = [
+        {"rule": "unknown_field", "field": name, "detail": f"unknown field {name!r}"}
+        for name in sorted(set(form.keys()) - set(UPLOAD_FIELDS))
+    ]
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
-        raise Problem(
-            400,
-            "validation-failed",
-            "multipart field 'image' (a file) is required",
-            errors=[{"rule": "missing_field", "field": "image", "detail": "required"}],
+        errors.append(
+            {"rule": "missing_field", "field": "image", "detail": "multipart field 'image' (a file) is required"}
         )
+    fields: dict[str, Any] = {
+        "image_uri": "upload",
+        "camera_id": form.get("camera_id"),
+        "captured_at": form.get("captured_at"),
+    }
+    if "bbox" in form:
+        try:
+            fields["bbox"] = json.loads(str(form["bbox"]))
+        except ValueError as exc:
+            errors.append({"rule": "malformed_json", "field": "bbox", "detail": str(exc)})
+    try:
+        item = DetectionIn.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        parsed = rule_errors(exc.errors())
+        errors.extend(e for e in parsed if not (e["field"] == "bbox" and any(x["field"] == "bbox" for x in errors)))
+    if errors or upload is None or isinstance(upload, str):
+        rules = ", ".join(sorted({e["rule"] for e in errors}))
+        raise Problem(400, "validation-failed", f"request failed validation: {rules}", errors=errors)
     data = await upload.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise Problem(413, "upload-too-large", f"upload exceeds {settings.max_upload_bytes} bytes")
-    try:
-        bbox = json.loads(str(form.get("bbox", "")))
-        item = DetectionIn(
-            image_uri="upload",
-            camera_id=form.get("camera_id"),
-            captured_at=form.get("captured_at"),
-            bbox=bbox,
-        )
-    except (ValueError, ValidationError) as exc:
-        errors = (
-            [
-                {"rule": "format", "field": ".".join(map(str, e["loc"])) or "body", "detail": e["msg"]}
-                for e in exc.errors()
-            ]
-            if isinstance(exc, ValidationError)
-            else [{"rule": "malformed_json", "field": "bbox", "detail": str(exc)}]
-        )
-        raise Problem(400, "validation-failed", "request failed validation", errors=errors) from exc
     return item, data
 
 
@@ -297,12 +299,6 @@ async def post_batch(
 
 
 def _validation(exc: ValidationError) -> Problem:
-    errors = [
-        {
-            "rule": "missing_field" if e["type"] == "missing" else "format",
-            "field": ".".join(map(str, e["loc"])) or "body",
-            "detail": e["msg"],
-        }
-        for e in exc.errors()
-    ]
-    return Problem(400, "validation-failed", "request failed validation", errors=errors)
+    errors = rule_errors(exc.errors())
+    rules = ", ".join(sorted({e["rule"] for e in errors}))
+    return Problem(400, "validation-failed", f"request failed validation: {rules}", errors=errors)

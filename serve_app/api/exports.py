@@ -25,14 +25,19 @@ from serve_app.exports.files import EXTENSIONS, MEDIA_TYPES, ExportFiles, file_u
 from serve_app.exports.jobs import Job, JobStore, fingerprint
 from serve_app.exports.sweeper import job_lost, run_sweeper
 from serve_app.exports.task import submit_export
-from serve_app.exports.validation import FORMATS, GROUP_BY, RuleError, validate_export_request
+from serve_app.exports.validation import (
+    FORMATS,
+    GROUP_BY,
+    RuleError,
+    requested_site_ids,
+    validate_export_request,
+)
 from serve_app.keys import Principal
 from serve_app.resources import Resources
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
-MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 @dataclass
@@ -184,25 +189,25 @@ def _submit(request: Request, resources: Resources, job: Job) -> None:
     },
 )
 async def create_export(request: Request, principal: PrincipalDep, resources: ResourcesDep) -> JSONResponse:
-    """Check VR-001..VR-005 and the body's shape together; 202 with the new job, or 400 listing every failure."""
+    """Check VR-001..VR-005, the body's shape, its site ids and the Idempotency-Key together; 202 with the
+    new job, or 400 listing every failure."""
     try:
         body = json.loads(await request.body())
     except ValueError:
         raise _reject([RuleError("malformed_json", "body", "the body is not valid JSON")]) from None
-    export, errors = validate_export_request(body, principal=principal, today=dt.datetime.now(dt.UTC).date())
+    wanted = requested_site_ids(body)
+    unknown = await _unknown_sites(resources, tuple(wanted)) if wanted and principal.all_sites else []
+    header = request.headers.get("idempotency-key")
+    export, errors = validate_export_request(
+        body,
+        principal=principal,
+        today=dt.datetime.now(dt.UTC).date(),
+        unknown_site_ids=unknown,
+        idempotency_key=header,
+    )
     if export is None:
         raise _reject(errors)
-    if export.site_ids and principal.all_sites:
-        unknown = await _unknown_sites(resources, export.site_ids)
-        if unknown:
-            detail = f"unknown site id(s): {', '.join(map(str, unknown))}"
-            raise _reject([RuleError("site_access", "site_ids", detail)])
-    idempotency = None
-    header = request.headers.get("idempotency-key")
-    if header is not None:
-        if not header.strip() or len(header) > MAX_IDEMPOTENCY_KEY_CHARS:
-            raise _reject([RuleError("format", "Idempotency-Key", "must be 1-255 characters")])
-        idempotency = (header, fingerprint(body))
+    idempotency = (header, fingerprint(body)) if header is not None else None
     params = export.params(principal)
     state = _state(request)
     outcome, job = await state.store.create(

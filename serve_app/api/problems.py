@@ -154,16 +154,22 @@ def field_name(loc: Sequence[Any]) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
-    """Request validation failures as ``[{rule, field, detail}]``."""
+def rule_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """pydantic/FastAPI error dicts as ``[{rule, field, detail}]``: one rule name per mistake on every route."""
     out = []
-    for err in exc.errors():
+    for err in errors:
         ctx = err.get("ctx") or {}
-        rule = ctx.get("rule") or _PYDANTIC_RULES.get(err["type"], "format")
+        rule = str(ctx.get("rule") or _PYDANTIC_RULES.get(err["type"], "format"))
         message = str(err.get("msg", "invalid"))
         message = message.removeprefix("Value error, ")
-        out.append({"rule": str(rule), "field": field_name(err.get("loc", ())), "detail": message})
+        field = "body" if rule == "malformed_json" else field_name(err.get("loc", ()))
+        out.append({"rule": rule, "field": field, "detail": message})
     return out
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Request validation failures as ``[{rule, field, detail}]``."""
+    return rule_errors(exc.errors())
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ FORMATS = ("csv", "parquet", "json", "camtrap-dp")
 REQUIRED_FIELDS = ("start_date", "end_date", "group_by", "format")
 OPTIONAL_FIELDS = ("site_ids",)
 MAX_RANGE_DAYS = 365
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -66,7 +68,17 @@ def _parse_date(body: dict[str, Any], name: str, errors: list[RuleError]) -> dt.
         return None
 
 
-def _parse_sites(body: dict[str, Any], principal: Principal, errors: list[RuleError]) -> tuple[int, ...] | None:
+def requested_site_ids(body: object) -> list[int]:
+    """The well-formed site ids a body asks for (empty when there are none), to look up before validating."""
+    raw = body.get("site_ids") if isinstance(body, dict) else None
+    if not isinstance(raw, list):
+        return []
+    return sorted({v for v in raw if isinstance(v, int) and not isinstance(v, bool) and v > 0})
+
+
+def _parse_sites(
+    body: dict[str, Any], principal: Principal, unknown: Collection[int], errors: list[RuleError]
+) -> tuple[int, ...] | None:
     if "site_ids" not in body or body["site_ids"] is None:
         return None
     raw = body["site_ids"]
@@ -83,7 +95,16 @@ def _parse_sites(body: dict[str, Any], principal: Principal, errors: list[RuleEr
         errors.append(
             RuleError("site_access", "site_ids", f"site id(s) not available to this key: {', '.join(map(str, denied))}")
         )
+    missing = [s for s in sites if s in unknown and s not in denied]
+    if missing:
+        errors.append(RuleError("site_access", "site_ids", f"unknown site id(s): {', '.join(map(str, missing))}"))
     return sites
+
+
+def _idempotency_rule(key: str | None) -> list[RuleError]:
+    if key is None or (key.strip() and len(key) <= MAX_IDEMPOTENCY_KEY_CHARS):
+        return []
+    return [RuleError("format", "Idempotency-Key", f"must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters")]
 
 
 def _date_rules(start: dt.date | None, end: dt.date | None, today: dt.date) -> list[RuleError]:
@@ -107,11 +128,20 @@ def _date_rules(start: dt.date | None, end: dt.date | None, today: dt.date) -> l
 
 
 def validate_export_request(
-    body: object, *, principal: Principal, today: dt.date
+    body: object,
+    *,
+    principal: Principal,
+    today: dt.date,
+    unknown_site_ids: Collection[int] = (),
+    idempotency_key: str | None = None,
 ) -> tuple[ExportRequest | None, list[RuleError]]:
-    """Check every rule on a decoded JSON body; returns the request or every failure found."""
+    """Check every rule on a decoded JSON body, the request's Idempotency-Key and the site ids found
+    unknown (``unknown_site_ids``); returns the request or every failure found, all together."""
     if not isinstance(body, dict):
-        return None, [RuleError("format", "body", "the body must be a JSON object")]
+        return None, [
+            RuleError("format", "body", "the body must be a JSON object"),
+            *_idempotency_rule(idempotency_key),
+        ]
     errors: list[RuleError] = []
     known = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS)
     for name in sorted(set(body) - known):
@@ -129,8 +159,9 @@ def validate_export_request(
     fmt = body.get("format")
     if "format" in body and fmt not in FORMATS:
         errors.append(RuleError("invalid_value", "format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
-    sites = _parse_sites(body, principal, errors)
+    sites = _parse_sites(body, principal, unknown_site_ids, errors)
     errors.extend(_date_rules(start, end, today))
+    errors.extend(_idempotency_rule(idempotency_key))
     if errors or start is None or end is None:
         return None, errors
     return ExportRequest(start, end, str(group_by), str(fmt), sites), []
