@@ -43,9 +43,15 @@ def crop_box_px(size: tuple[int, int], bbox: BBox, *, margin: float = CROP_MARGI
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-def crop(image: Image.Image, bbox: BBox, *, margin: float = CROP_MARGIN) -> Image.Image:
-    """The RGB crop of ``bbox`` (plus margin) from a decoded frame."""
-    return image.crop(crop_box_px(image.size, bbox, margin=margin)).convert("RGB")
+def crop(image: Image.Image, bbox: BBox, *, margin: float = CROP_MARGIN, max_side_px: int | None = None) -> Image.Image:
+    """The RGB crop of ``bbox`` (plus margin) from a decoded frame; with ``max_side_px`` each side larger than
+    that is downscaled at once (sides independently: the model input is square), so a held crop costs at most
+    max_side_px² x 3 bytes whatever the frame's resolution."""
+    cut = image.crop(crop_box_px(image.size, bbox, margin=margin))
+    if max_side_px is not None and max(cut.size) > max_side_px:
+        size = (min(cut.width, max_side_px), min(cut.height, max_side_px))
+        cut = cut.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+    return cut.convert("RGB")
 
 
 def to_batch(crops: Sequence[Image.Image], *, size_px: int) -> torch.Tensor:
