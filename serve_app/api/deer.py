@@ -116,6 +116,8 @@ async def merge_deer(deer_id: int, body: MergeIn, resources: ResourcesDep, princ
     if body.into == deer_id:
         raise Problem(422, "merge-into-self", "a profile cannot be merged into itself")
     async with resources.pool.connection() as conn, conn.transaction():
+        # Both rows locked in id order, as identification and review lock profiles: no deadlock between them.
+        await conn.execute("SELECT id FROM deer WHERE id = ANY(%s) ORDER BY id FOR UPDATE", ([deer_id, body.into],))
         source = await _visible_deer(conn, deer_id, principal, lock=True)
         target = await _visible_deer(conn, body.into, principal, lock=True)
         if source["site_id"] != target["site_id"]:
