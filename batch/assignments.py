@@ -29,7 +29,9 @@ ORDER BY d.id FOR UPDATE
 """
 UPDATE_SQL = f"""
 UPDATE detections AS d SET deer_id = u.deer_id, decision = u.decision, top1_similarity = u.top1,
-                           model_version = coalesce(%s, d.model_version)
+                           model_version = coalesce(%s, d.model_version),
+                           -- the stored embedding keeps naming the model that made it (SET reads the old row)
+                           embedding_model_version = coalesce(d.embedding_model_version, d.model_version)
 FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::float8[]) AS u(id, deer_id, decision, top1)
 WHERE d.id = u.id AND {UNDECIDED}
 """

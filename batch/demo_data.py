@@ -154,15 +154,14 @@ def load_demo(dsn: str, *, image_root: Path, params: DemoParams, workers: int | 
     return {"loaded": True, "signature": params.signature(), "images": params.images, "rendered": len(jobs)}
 
 
-def _reserve_ids(conn: psycopg.Connection[Any], table: str, count: int) -> int:
-    """The first of ``count`` new ids from the table's sequence: an id audit rows keep is never reused."""
-    row = conn.execute(
-        "SELECT setval(pg_get_serial_sequence(%(t)s, 'id'), nextval(pg_get_serial_sequence(%(t)s, 'id')) + %(n)s - 1)"
-        " - %(n)s + 1 AS first",
-        {"t": table, "n": count},
-    ).fetchone()
-    assert row is not None
-    return int(row["first"])
+def _reserve_ids(conn: psycopg.Connection[Any], table: str, count: int) -> list[int]:
+    """``count`` new ids from the table's sequence (as identification takes them, so a running app's inserts
+    never collide with them): an id that audit rows keep is never reused."""
+    rows = conn.execute(
+        "SELECT nextval(pg_get_serial_sequence(%s, 'id')) AS id FROM generate_series(1, %s) ORDER BY 1",
+        (table, count),
+    ).fetchall()
+    return [int(row["id"]) for row in rows]
 
 
 def _write_rows(
@@ -200,13 +199,13 @@ def _write_rows(
             ),
         )
         deer_ids.append(int(row.fetchone()["id"]))  # type: ignore[index]
-    first_image = _reserve_ids(conn, "images", len(frames))
+    image_ids = _reserve_ids(conn, "images", len(frames))
     with conn.cursor().copy("COPY images (id, camera_id, uri, captured_at, width, height) FROM STDIN") as copy:
         for f in frames:
             copy.write_row(
-                (first_image + f.index, camera_ids[f.camera], image_uri(params, f), captured[f.index], 1280, 720)
+                (image_ids[f.index], camera_ids[f.camera], image_uri(params, f), captured[f.index], 1280, 720)
             )
-    first_det = _reserve_ids(conn, "detections", len(frames))
+    detection_ids = _reserve_ids(conn, "detections", len(frames))
     gallery_left = dict.fromkeys(range(params.deer), GALLERY_PER_DEER)
     with conn.cursor().copy(
         "COPY detections (id, image_id, bbox_x, bbox_y, bbox_w, bbox_h, confidence, deer_id, decision) FROM STDIN"
@@ -218,8 +217,8 @@ def _write_rows(
             x, y, w, h = bboxes[f.index]
             copy.write_row(
                 (
-                    first_det + f.index,
-                    first_image + f.index,
+                    detection_ids[f.index],
+                    image_ids[f.index],
                     x,
                     y,
                     w,
@@ -232,7 +231,7 @@ def _write_rows(
     with conn.cursor().copy("COPY demo_ground_truth (detection_id, individual, deer_id) FROM STDIN") as copy:
         for f in frames:
             profile = deer_ids[f.individual] if f.individual < params.deer else None
-            copy.write_row((first_det + f.index, f.individual, profile))
+            copy.write_row((detection_ids[f.index], f.individual, profile))
 
 
 def main(argv: list[str] | None = None) -> int:

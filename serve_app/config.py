@@ -66,12 +66,6 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest body of any request but an image upload, bytes; more is refused (413) unread.",
     )
-    crop_max_side_px: int = Field(
-        default=448,
-        ge=16,
-        description="Detection crops are downscaled to at most this many pixels per side as soon as they are "
-        "cut, bounding a batch's memory; keep it >= the ReID input_size_px (2x leaves a resampling margin).",
-    )
     max_image_bytes: int = Field(default=20_000_000, ge=1, description="Largest image file read by URI, bytes.")
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Largest decoded image, pixels (decompression-bomb guard)."

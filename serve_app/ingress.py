@@ -46,9 +46,10 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.readiness_checks = dict(health.READINESS_CHECKS)
     install_problem_handlers(app)
-    # Added last runs first: the body limit, then the key, then the routes (which parse bodies).
-    app.add_middleware(RequireKey)
+    # Added last runs first: the key (headers only, so a caller without one sends no body into memory),
+    # then the body limit, then the routes (which parse bodies).
     app.add_middleware(LimitBody, settings=settings)
+    app.add_middleware(RequireKey)
     app.include_router(health.router)
     app.include_router(threshold_reports.router)
     app.include_router(exports.router)

@@ -98,7 +98,7 @@ async def camera_site(resources: Resources, camera_id: int, principal: Principal
 
 def _prepare(data: bytes, *, bbox: BBox, settings: Settings) -> tuple[Any, int, int]:
     image = decode_image(data, max_pixels=settings.max_image_pixels)
-    return crop(image, bbox, max_side_px=settings.crop_max_side_px), image.width, image.height
+    return crop(image, bbox), image.width, image.height
 
 
 def _load_uri(path: Path, settings: Settings) -> bytes:
@@ -195,9 +195,17 @@ async def identify(request: Request, items: list[IdentifyRequest]) -> list[Ident
     except Exception as exc:
         logger.warning("identification failed: %r", exc)
         raise Problem(503, "identification-unavailable", f"identification failed: {type(exc).__name__}") from exc
-    for index, result in enumerate(results):
-        if isinstance(result, ImageConflict):
-            raise _reject(result, f"detections.{index}.image_uri" if len(items) > 1 else "image_uri")
+    conflicts = [(i, r) for i, r in enumerate(results) if isinstance(r, ImageConflict)]
+    if conflicts:
+        # Only in a race the pre-check missed: the batch's other items were stored, so the answer names them
+        # (``stored``: index and detection id) and a retry can leave them out instead of storing them twice.
+        index, first = conflicts[0]
+        problem = _reject(first, f"detections.{index}.image_uri" if len(items) > 1 else "image_uri")
+        stored = [
+            {"index": i, "detection_id": r.detection_id} for i, r in enumerate(results) if isinstance(r, Identification)
+        ]
+        problem.extra = {"stored": stored} if stored else {}
+        raise problem
     return list(results)
 
 
@@ -224,7 +232,7 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[DetectionI
     if "bbox" in form:
         try:
             fields["bbox"] = json.loads(str(form["bbox"]))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
             errors.append({"rule": "malformed_json", "field": "bbox", "detail": str(exc)})
     try:
         item = DetectionIn.model_validate({k: v for k, v in fields.items() if v is not None})

@@ -193,7 +193,7 @@ async def create_export(request: Request, principal: PrincipalDep, resources: Re
     new job, or 400 listing every failure."""
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         raise _reject([RuleError("malformed_json", "body", "the body is not valid JSON")]) from None
     wanted = requested_site_ids(body)
     unknown = await _unknown_sites(resources, tuple(wanted)) if wanted and principal.all_sites else []

@@ -33,7 +33,10 @@ SELECT d.id, d.deer_id, d.decision, c.site_id FROM detections d
 JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id WHERE d.id = %s FOR UPDATE OF d
 """
 
-TARGET_SQL = "SELECT site_id, merged_into FROM deer WHERE id = %s FOR SHARE"
+# Only a profile of the key's sites is locked: another site's merges never wait on this key's requests.
+TARGET_SQL = (
+    "SELECT site_id, merged_into FROM deer WHERE id = %s AND (%s::bigint[] IS NULL OR site_id = ANY(%s)) FOR SHARE"
+)
 
 
 class NewDeer(BaseModel):
@@ -86,7 +89,8 @@ async def assign(
         # and FOR SHARE, which the merge's FOR UPDATE waits on: it cannot be merged away before commit.
         target: Any = None
         if body.deer_id is not None:
-            target = await (await conn.execute(TARGET_SQL, (body.deer_id,))).fetchone()
+            sites = principal.site_filter()
+            target = await (await conn.execute(TARGET_SQL, (body.deer_id, sites, sites))).fetchone()
         det: Any = await (await conn.execute(DETECTION_SQL, (detection_id,))).fetchone()
         if det is None or not principal.allows(int(det["site_id"])):
             raise NotFound(f"detection {detection_id} not found")

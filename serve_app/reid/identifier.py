@@ -246,12 +246,16 @@ class Identifier:
             kept_scores = [scored[i] for i in keep]
             answers = [self._answer(s, thresholds=thresholds, version=version) for s in kept_scores]
             survivors: dict[int, tuple[int, str]] = {}
-            while wanted := {a.deer_id for a in answers if a.deer_id is not None} - survivors.keys():
+            # Every profile the score rows name, in one id-ordered lock (the merge locks in id order too, and
+            # the score log's reference check locks the same rows): then the chosen ones' survivors, if any.
+            wanted = {int(d) for s in kept_scores for d in s.deer_ids}
+            while wanted := wanted - survivors.keys():
                 survivors.update(await q.lock_profiles(conn, deer_ids=wanted))
                 merged = {d: t for d, t in survivors.items() if t[0] != d}
                 if merged:
                     kept_scores = [s.merged(merged) for s in kept_scores]
                     answers = [self._answer(s, thresholds=thresholds, version=version) for s in kept_scores]
+                wanted = {a.deer_id for a in answers if a.deer_id is not None}
             ids: list[int] = []
             if kept:
                 await cur.execute(q.NEXT_DETECTION_IDS_SQL, (len(kept),))

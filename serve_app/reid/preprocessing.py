@@ -12,6 +12,11 @@ from PIL import Image
 CROP_MARGIN = 0.1
 """Default margin added on each side of a bbox, as a fraction of the bbox width/height."""
 
+CROP_MAX_SIDE_PX = 448
+"""Crops are downscaled to at most this many pixels per side as soon as they are cut, on every path (ingress,
+galleries, backfill), so they embed alike and a held crop costs at most 448² x 3 bytes; keep it at least the
+largest ReID input size (2x leaves a resampling margin)."""
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,7 +48,9 @@ def crop_box_px(size: tuple[int, int], bbox: BBox, *, margin: float = CROP_MARGI
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-def crop(image: Image.Image, bbox: BBox, *, margin: float = CROP_MARGIN, max_side_px: int | None = None) -> Image.Image:
+def crop(
+    image: Image.Image, bbox: BBox, *, margin: float = CROP_MARGIN, max_side_px: int | None = CROP_MAX_SIDE_PX
+) -> Image.Image:
     """The RGB crop of ``bbox`` (plus margin) from a decoded frame; with ``max_side_px`` each side larger than
     that is downscaled at once (sides independently: the model input is square), so a held crop costs at most
     max_side_px² x 3 bytes whatever the frame's resolution."""

@@ -85,7 +85,8 @@ def apply_migrations(dsn: str, *, directory: Path = MIGRATIONS_DIR) -> list[str]
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            # NULL for migrations applied before checksums were recorded: those are trusted as they are.
+            # NULL for migrations applied before checksums were recorded: trusted as they are, and the
+            # file's checksum is recorded now so that any later edit is caught.
             conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text")
             done = {
                 row[0]: (row[1], row[2])
@@ -94,6 +95,11 @@ def apply_migrations(dsn: str, *, directory: Path = MIGRATIONS_DIR) -> list[str]
             for migration in discover(directory):
                 if migration.version in done:
                     check_unchanged(migration, name=done[migration.version][0], checksum=done[migration.version][1])
+                    if done[migration.version][1] is None:
+                        conn.execute(
+                            "UPDATE schema_migrations SET checksum = %s WHERE version = %s AND checksum IS NULL",
+                            (migration.checksum(), migration.version),
+                        )
                     continue
                 try:
                     with conn.transaction():
