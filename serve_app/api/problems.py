@@ -19,6 +19,7 @@ from serve_app.errors import ImageConflict, InvalidKey, NotFound, ServiceUnavail
 logger = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 PROBLEM_BASE = "https://trailcam-reid.dev/problems/"
 
 _TITLES = {
@@ -198,6 +199,17 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
+            # FastAPI's answer when a model body cannot be decoded at all (e.g. nested past the parser's depth).
+            detail = "the body is not valid JSON"
+            errors = [{"rule": "malformed_json", "field": "body", "detail": detail}]
+            return problem_response(
+                400,
+                "validation-failed",
+                f"request failed validation: {detail}",
+                errors=errors,
+                instance=request.url.path,
+            )
         code = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized"}.get(exc.status_code, "http-error")
         return problem_response(
             exc.status_code,

@@ -168,3 +168,29 @@ def test_a_multipart_upload_lists_a_missing_image_together_with_its_other_failur
     )
     found = rules_of(resp)
     assert {("missing_field", "image"), ("malformed_json", "bbox"), ("missing_field", "camera_id")} <= found
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_malformed_json_not_a_500(
+    settings: dict[str, Any], db: psycopg.Connection[Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {factories.api_key(db)}", "Content-Type": "application/json"}
+    deep = "[" * 100_000  # 100 kB: under the body limit, past Python's recursion limit
+    form = {"camera_id": "1", "captured_at": "2024-05-01T06:30:00Z", "bbox": deep}
+    image = {"image": ("a.jpg", b"\xff\xd8not really a jpeg", "image/jpeg")}
+    answers = send(
+        settings,
+        [
+            {"method": "POST", "url": "/api/exports", "content": deep, "headers": headers},
+            {"method": "POST", "url": "/api/detections", "content": deep, "headers": headers},
+            {"method": "POST", "url": "/api/detections/batch", "content": deep, "headers": headers},
+            {
+                "method": "POST",
+                "url": "/api/detections",
+                "data": form,
+                "files": image,
+                "headers": {"Authorization": headers["Authorization"]},
+            },
+        ],
+    )
+    for resp in answers:
+        assert ("malformed_json", "body" if "bbox" not in resp.text else "bbox") in rules_of(resp), resp.text

@@ -148,3 +148,56 @@ def test_a_review_assignment_racing_a_merge_never_lands_on_the_merged_profile(
         "SELECT count(*) AS n FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.merged_into IS NOT NULL"
     ).fetchone()
     assert on_merged["n"] == 0
+
+
+def test_an_identification_and_a_merge_of_its_gallery_never_deadlock(
+    embedder: Embedder, database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """The merge locks its two profiles in id order; identification locks every profile its score rows name in
+    one id-ordered statement, so neither can hold the higher id while waiting for the lower."""
+    site = factories.site(db)
+    camera = factories.camera(db, site_id=site)
+    older, survivor = factories.deer(db, site_id=site), factories.deer(db, site_id=site)
+    frames = {}
+    for deer, seed in ((older, 1), (survivor, 2)):
+        rel = f"gallery/{deer}.png"
+        frames[deer] = (rel, noise(tmp_path, rel, seed))
+        image = factories.image(db, camera_id=camera, uri=rel, captured_at=WHEN, width=320, height=240)
+        factories.detection(db, image_id=image, deer_id=deer, bbox=(BOX.x, BOX.y, BOX.w, BOX.h))
+    rel, image = frames[survivor]
+    request = IdentifyRequest(site, camera, rel, WHEN, 320, 240, BOX, crop(image, BOX))
+    outcome: dict[str, Any] = {}
+
+    async def run(merging: psycopg.Connection[Any]) -> None:
+        pool = make_pool(database_url, max_size=2)
+        await pool.open()
+        scores = ScoreBuffer(database_url)  # never started: rows the inline write could not take stay pending
+        options = IdentifierOptions(image_root=tmp_path, gallery_refresh_s=3600.0)
+        identifier = Identifier(embedder, pool=pool, scores=scores, options=options, thresholds=Thresholds(0.55))
+        try:
+            await identifier.identify_batch([request])  # loads the gallery
+            merging.execute("SELECT id FROM deer WHERE id = %s FOR UPDATE", (older,))  # the merge's first lock
+            task = asyncio.create_task(identifier.identify_batch([request]))
+            await asyncio.to_thread(_wait_for, lambda: _waiting(db) >= 1)  # the identification waits on it
+            # The merge's second lock: it would wait on the identification if that held the survivor already.
+            await asyncio.to_thread(merging.execute, "SELECT id FROM deer WHERE id = %s FOR UPDATE", (survivor,))
+            await asyncio.to_thread(
+                merging.execute, "UPDATE deer SET merged_into = %s WHERE id = %s", (survivor, older)
+            )
+            await asyncio.to_thread(merging.commit)
+            (outcome["after"],) = await task
+            outcome["pending"] = scores.pending
+        finally:
+            await scores.close()
+            await pool.close()
+
+    with psycopg.connect(database_url) as merging:
+        asyncio.run(run(merging))
+    after = outcome["after"]
+    assert (after.decision, after.deer_id) == ("auto", survivor)
+    assert outcome["pending"] == 0  # its score rows went in with the detection: no deadlock aborted the COPY
+    logged = db.execute(
+        "SELECT deer_id, rank, matched FROM reid_similarity_scores WHERE detection_id = %s ORDER BY rank",
+        (after.detection_id,),
+    ).fetchall()
+    assert [(r["deer_id"], r["rank"], r["matched"]) for r in logged] == [(survivor, 1, True)]
