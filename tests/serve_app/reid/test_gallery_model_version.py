@@ -153,3 +153,31 @@ def test_a_backfill_storing_embeddings_changes_a_decisions_model_only_when_it_de
     assert rows[auto]["model_version"] == ("model-b" if assign else MODEL_A)
     assert rows[manual]["model_version"] is None
     assert {r["embedding_model_version"] for r in rows.values()} == {"model-b"}
+
+
+def test_a_re_decision_without_new_embeddings_keeps_naming_the_model_that_made_the_stored_one(
+    db: psycopg.Connection[Any],
+) -> None:
+    site = factories.site(db)
+    buck = factories.deer(db, site_id=site, name="buck")
+    camera = factories.camera(db, site_id=site)
+    auto = factories.detection(db, image_id=factories.image(db, camera_id=camera), deer_id=buck, decision="auto")
+    old_vector = embedding_to_bytes(np.full(8, 0.25, dtype=np.float32))
+    db.execute("UPDATE detections SET model_version = %s, embedding = %s WHERE id = %s", (MODEL_A, old_vector, auto))
+    results = [Scored(auto, site, [buck], np.array([0.2], dtype=np.float32))]
+    with psycopg.connect(db.info.dsn) as conn:
+        write_block(
+            conn,
+            results,
+            run_id=uuid.uuid4(),
+            model_version="model-b",
+            thresholds=Thresholds(),
+            store_embeddings=False,
+            assign=True,
+        )
+    row = db.execute(
+        "SELECT model_version, embedding_model_version, embedding, decision FROM detections WHERE id = %s", (auto,)
+    ).fetchone()
+    assert row["decision"] == "unassigned" and row["model_version"] == "model-b"  # model B decided again
+    # The stored vector is still model A's: a gallery of model B must not take it for one of its own.
+    assert bytes(row["embedding"]) == old_vector and row["embedding_model_version"] == MODEL_A
