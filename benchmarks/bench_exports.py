@@ -18,7 +18,7 @@ from benchmarks.common import (
 from serve_app.config import Settings
 from serve_app.exports.files import file_uri
 from serve_app.exports.jobs import JobStore, RunnerLease
-from serve_app.keys import LOOKUP_SQL, hash_key
+from serve_app.keys import find_key
 from serve_app.store.db import connect
 
 ROUNDS = 3
@@ -35,7 +35,7 @@ TARGETS = {
 def completed_job(settings: dict[str, Any], key: str) -> str:
     """A completed export owned by the key, stored directly in the benchmark's Redis db."""
     with connect(str(settings["database_url"])) as conn:
-        row = conn.execute(LOOKUP_SQL, (hash_key(key, pepper=Settings().key_pepper),)).fetchone()
+        row = find_key(conn, key=key, pepper=Settings().key_pepper)
     assert row is not None
     owner = int(str(row["id"]))
     params = {"start_date": "2024-01-01", "end_date": "2024-02-01", "group_by": "week", "format": "csv"}

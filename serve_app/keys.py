@@ -109,6 +109,15 @@ def digests_match(stored: str, presented: str) -> bool:
     return hmac.compare_digest(stored.encode(), presented.encode())
 
 
+def find_key(conn: psycopg.Connection[Any], *, key: str, pepper: str) -> dict[str, Any] | None:
+    """The active api_keys row of ``key`` (found by its prefix, its digest compared in constant time), or None."""
+    if not looks_like_key(key):
+        return None
+    digest = hash_key(key, pepper=pepper)
+    rows: list[dict[str, Any]] = conn.execute(LOOKUP_SQL, ([key_prefix(key)],)).fetchall()
+    return next((row for row in rows if digests_match(str(row["key_hash"]), digest)), None)
+
+
 def principal_from_row(row: dict[str, Any]) -> Principal:
     """A Principal from an api_keys row."""
     return Principal(key_id=int(row["id"]), all_sites=bool(row["all_sites"]), site_ids=frozenset(row["site_ids"] or ()))

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from serve_app.config import get_settings  # noqa: E402
-from serve_app.keys import LOOKUP_SQL, create_key, hash_key  # noqa: E402
+from serve_app.keys import create_key, find_key  # noqa: E402
 from serve_app.store.db import connect  # noqa: E402
 
 
@@ -19,7 +19,7 @@ def main(path: Path) -> int:
     with connect(settings.database_dsn) as conn:
         if path.exists():
             key = path.read_text().strip()
-            if conn.execute(LOOKUP_SQL, (hash_key(key, pepper=settings.key_pepper),)).fetchone():
+            if find_key(conn, key=key, pepper=settings.key_pepper) is not None:
                 print(f"development key (all sites) in {path}: {key}")
                 return 0
         key = create_key(conn, sites=None, pepper=settings.key_pepper, label="development (make run)")

@@ -55,3 +55,29 @@ def test_parse_sites() -> None:
     assert parse_sites("2, 1,2") == [1, 2]
     with pytest.raises(ValueError, match="--sites"):
         parse_sites("0")
+
+
+def test_make_runs_development_key_is_kept_while_valid_and_replaced_once_revoked(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Any
+) -> None:
+    path = tmp_path / "dev-api-key"
+
+    def dev_key() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "cluster/local/dev_key.py", str(path)],
+            env={"TRAILCAM_DATABASE_URL": database_url, "PATH": "/usr/bin:/bin", "PYTHONPATH": "."},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    first = dev_key()
+    assert first.returncode == 0, first.stderr
+    key = path.read_text().strip()
+    again = dev_key()  # a second `make run`
+    assert again.returncode == 0, again.stderr
+    assert "development key (all sites) in" in again.stdout and path.read_text().strip() == key
+    assert _cli(database_url, "revoke", key).returncode == 0
+    replaced = dev_key()
+    assert replaced.returncode == 0, replaced.stderr
+    assert "created a development key" in replaced.stdout and path.read_text().strip() != key
