@@ -189,7 +189,12 @@ def test_delete_cancels_a_running_job_and_leaves_no_file(
         deadline = time.monotonic() + 30
         while not redis_client.hget(job_key, "worker_pid") and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)
+        waiting = (
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        while db.execute(waiting).fetchone()["n"] == 0:  # the runner is mid-query, waiting on the lock
+            assert time.monotonic() < deadline, "the export runner never reached its query"
+            time.sleep(0.05)
         running = client.get(url, headers=key)
         assert running.json()["status"] == "processing"
         assert running.headers["retry-after"] == "1"
