@@ -124,6 +124,20 @@ def test_gallery_refresh_keeps_the_decisions_model_and_records_the_embeddings(
     assert db.execute("SELECT id, embedding FROM detections ORDER BY id").fetchall() == before
 
 
+def run_block(db: psycopg.Connection[Any], results: list[Scored], *, store_embeddings: bool, assign: bool) -> None:
+    """What one backfill block of model "model-b" commits for these results."""
+    with psycopg.connect(db.info.dsn) as conn:
+        write_block(
+            conn,
+            results,
+            run_id=uuid.uuid4(),
+            model_version="model-b",
+            thresholds=Thresholds(),
+            store_embeddings=store_embeddings,
+            assign=assign,
+        )
+
+
 @pytest.mark.parametrize("assign", [False, True], ids=["embeddings-only", "apply-assignments"])
 def test_a_backfill_storing_embeddings_changes_a_decisions_model_only_when_it_decides_again(
     assign: bool, db: psycopg.Connection[Any]
@@ -138,16 +152,7 @@ def test_a_backfill_storing_embeddings_changes_a_decisions_model_only_when_it_de
     db.execute("UPDATE detections SET model_version = %s WHERE id = %s", (MODEL_A, auto))
     vector = embedding_to_bytes(np.full(8, 0.5, dtype=np.float32))
     results = [Scored(det, site, [buck], np.array([0.9], dtype=np.float32), embedding=vector) for det in (auto, manual)]
-    with psycopg.connect(db.info.dsn) as conn:
-        write_block(
-            conn,
-            results,
-            run_id=uuid.uuid4(),
-            model_version="model-b",
-            thresholds=Thresholds(),
-            store_embeddings=True,
-            assign=assign,
-        )
+    run_block(db, results, store_embeddings=True, assign=assign)
     rows = {r["id"]: r for r in db.execute("SELECT id, model_version, embedding_model_version FROM detections")}
     # Re-deciding makes the run's model the decision's; storing an embedding alone does not.
     assert rows[auto]["model_version"] == ("model-b" if assign else MODEL_A)
@@ -165,16 +170,7 @@ def test_a_re_decision_without_new_embeddings_keeps_naming_the_model_that_made_t
     old_vector = embedding_to_bytes(np.full(8, 0.25, dtype=np.float32))
     db.execute("UPDATE detections SET model_version = %s, embedding = %s WHERE id = %s", (MODEL_A, old_vector, auto))
     results = [Scored(auto, site, [buck], np.array([0.2], dtype=np.float32))]
-    with psycopg.connect(db.info.dsn) as conn:
-        write_block(
-            conn,
-            results,
-            run_id=uuid.uuid4(),
-            model_version="model-b",
-            thresholds=Thresholds(),
-            store_embeddings=False,
-            assign=True,
-        )
+    run_block(db, results, store_embeddings=False, assign=True)
     row = db.execute(
         "SELECT model_version, embedding_model_version, embedding, decision FROM detections WHERE id = %s", (auto,)
     ).fetchone()

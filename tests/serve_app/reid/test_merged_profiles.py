@@ -53,18 +53,24 @@ def merge(db: psycopg.Connection[Any], *, source: int, into: int) -> None:
         db.execute("UPDATE deer SET merged_into = %s WHERE id = %s", (into, source))
 
 
-def test_a_stale_gallery_match_on_a_merged_profile_is_stored_on_the_survivor(
-    embedder: Embedder, database_url: str, db: psycopg.Connection[Any], tmp_path: Path
-) -> None:
+def two_profiles(db: psycopg.Connection[Any], root: Path) -> tuple[int, int, int, int, dict[int, Any]]:
+    """A site with two profiles (the older one first, lower id), each with one gallery frame under ``root``."""
     site = factories.site(db)
     camera = factories.camera(db, site_id=site)
     older, survivor = factories.deer(db, site_id=site), factories.deer(db, site_id=site)
     frames = {}
     for deer, seed in ((older, 1), (survivor, 2)):
         rel = f"gallery/{deer}.png"
-        frames[deer] = (rel, noise(tmp_path, rel, seed))
+        frames[deer] = (rel, noise(root, rel, seed))
         image = factories.image(db, camera_id=camera, uri=rel, captured_at=WHEN, width=320, height=240)
         factories.detection(db, image_id=image, deer_id=deer, bbox=(BOX.x, BOX.y, BOX.w, BOX.h))
+    return site, camera, older, survivor, frames
+
+
+def test_a_stale_gallery_match_on_a_merged_profile_is_stored_on_the_survivor(
+    embedder: Embedder, database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    site, camera, older, survivor, frames = two_profiles(db, tmp_path)
 
     def request(deer: int) -> IdentifyRequest:
         rel, image = frames[deer]
@@ -155,15 +161,7 @@ def test_an_identification_and_a_merge_of_its_gallery_never_deadlock(
 ) -> None:
     """The merge locks its two profiles in id order; identification locks every profile its score rows name in
     one id-ordered statement, so neither can hold the higher id while waiting for the lower."""
-    site = factories.site(db)
-    camera = factories.camera(db, site_id=site)
-    older, survivor = factories.deer(db, site_id=site), factories.deer(db, site_id=site)
-    frames = {}
-    for deer, seed in ((older, 1), (survivor, 2)):
-        rel = f"gallery/{deer}.png"
-        frames[deer] = (rel, noise(tmp_path, rel, seed))
-        image = factories.image(db, camera_id=camera, uri=rel, captured_at=WHEN, width=320, height=240)
-        factories.detection(db, image_id=image, deer_id=deer, bbox=(BOX.x, BOX.y, BOX.w, BOX.h))
+    site, camera, older, survivor, frames = two_profiles(db, tmp_path)
     rel, image = frames[survivor]
     request = IdentifyRequest(site, camera, rel, WHEN, 320, 240, BOX, crop(image, BOX))
     outcome: dict[str, Any] = {}
