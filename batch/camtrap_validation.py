@@ -1,8 +1,8 @@
-"""Validate a Camtrap DP 1.0 package against the standard's own table schemas, read from a local folder.
+"""Validate a Camtrap DP 1.0 package against the standard's table constraints, held in the repository.
 
-The package's remote schema URLs are replaced by the standard's files in ``TRAILCAM_CAMTRAP_SCHEMA_DIR``
-(nothing is fetched at run time); frictionless checks types, constraints, primary and foreign keys.
-The result is a list of readable problems.
+The package's remote schema URLs are replaced by the project's encoding of the standard's tables
+(``serve_app.exports.camtrap_tables``; nothing is read or fetched from elsewhere); frictionless checks
+types, constraints, primary and foreign keys. The result is a list of readable problems.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Any
 
 from frictionless import Package
 
-from serve_app.config import get_settings
+from serve_app.exports.camtrap_tables import TABLES
 
-TABLES = ("deployments", "media", "observations")
 MAX_PROBLEMS = 50
 
 
@@ -40,27 +39,8 @@ def read_descriptor(folder: Path) -> dict[str, Any]:
     return descriptor
 
 
-class SchemasMissing(FileNotFoundError):
-    """The Camtrap DP table schemas are not in the configured folder."""
-
-
-def table_schemas(schema_dir: Path) -> dict[str, dict[str, Any]]:
-    """The standard's three table schemas from a local folder (``<table>-table-schema.json``)."""
-    schemas = {}
-    for table in TABLES:
-        path = schema_dir / f"{table}-table-schema.json"
-        if not path.is_file():
-            raise SchemasMissing(
-                f"Camtrap DP table schema {path} not found: set TRAILCAM_CAMTRAP_SCHEMA_DIR (or --schema-dir) to a "
-                "folder holding the standard's deployments/media/observations table schemas"
-            )
-        schemas[table] = json.loads(path.read_text(encoding="utf-8"))
-    return schemas
-
-
-def validate_package(folder: Path, *, schema_dir: Path | None = None) -> dict[str, Any]:
+def validate_package(folder: Path) -> dict[str, Any]:
     """The descriptor when the package is valid; raises :class:`PackageRejected` otherwise."""
-    schemas = table_schemas(schema_dir if schema_dir is not None else get_settings().camtrap_schema_dir)
     descriptor = read_descriptor(folder)
     names = {r.get("name") for r in descriptor.get("resources", [])}
     missing = [t for t in TABLES if t not in names]
@@ -69,7 +49,7 @@ def validate_package(folder: Path, *, schema_dir: Path | None = None) -> dict[st
     checked = json.loads(json.dumps(descriptor))
     for resource in checked["resources"]:
         if resource.get("name") in TABLES:
-            resource["schema"] = schemas[resource["name"]]
+            resource["schema"] = TABLES[resource["name"]].table_schema()
     checked["profile"] = "data-package"  # the Camtrap DP profile URL is remote; the tables carry the rules
     report = Package(checked, basepath=str(folder)).validate()
     if report.valid:

@@ -2,13 +2,13 @@
 
 ``python -m batch.import_camtrap_dp PACKAGE_DIR --media-root DIR [--site NAME]``
 
-The package is validated first against the standard's table schemas; an invalid package is rejected
-with a report and nothing is written. Media with a local file (under --media-root, by fileName or
-relative filePath) are copied under the image root and become images; other media are skipped
-(nothing is fetched); a mediaID that is not a plain file name (``..``, ``/``, too long) refuses the
-package before anything is written. Media-level animal observations with a bounding box on an imported
-image become detections; an individualID becomes a deer profile of the site with a manual assignment.
-Importing the same package twice adds nothing.
+The package is validated first against the standard's table constraints (encoded in the repository); an
+invalid package is rejected with a report and nothing is written. Media with a local file (under
+--media-root, by fileName or relative filePath) are copied under the image root and become images; other
+media are skipped (nothing is fetched); a mediaID that is not a plain file name (``..``, ``/``, too long)
+refuses the package before anything is written. Media-level animal observations with a bounding box on an
+imported image become detections; an individualID becomes a deer profile of the site with a manual
+assignment. Importing the same package twice adds nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import psycopg
 from PIL import Image
 from psycopg.rows import dict_row
 
-from batch.camtrap_validation import PackageRejected, SchemasMissing, validate_package
+from batch.camtrap_validation import PackageRejected, validate_package
 from serve_app.config import get_settings
 from serve_app.paths import PathRefused, confine
 
@@ -137,10 +137,9 @@ def import_package(
     media_root: Path,
     image_root: Path,
     site_name: str | None = None,
-    schema_dir: Path | None = None,
 ) -> ImportSummary:
     """Validate and import a package folder in one transaction."""
-    descriptor = validate_package(folder, schema_dir=schema_dir)
+    descriptor = validate_package(folder)
     summary = ImportSummary()
     package_key = str(descriptor.get("id") or descriptor.get("name") or folder.name).replace("/", "_")
     plan = _media_plan(folder, descriptor, media_root=media_root, image_root=image_root, package_key=package_key)
@@ -226,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", help="site name (default: the package title)")
     parser.add_argument("--database-url", help="default: TRAILCAM_DATABASE_URL")
     parser.add_argument("--image-root", type=Path, help="default: TRAILCAM_IMAGE_ROOT")
-    parser.add_argument(
-        "--schema-dir", type=Path, help="the standard's table schemas; default TRAILCAM_CAMTRAP_SCHEMA_DIR"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = get_settings()
@@ -239,14 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             media_root=args.media_root,
             image_root=args.image_root or settings.image_root,
             site_name=args.site,
-            schema_dir=args.schema_dir,
         )
     except PackageRejected as exc:
         print(exc.report(), file=sys.stderr)
         return 1
-    except SchemasMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     for key, value in asdict(summary).items():
         print(f"{key}: {value}")
     return 0

@@ -46,10 +46,6 @@ class Settings(BaseSettings):
     export_scientific_name: str = Field(
         default="Odocoileus virginianus", description="Taxon written into Camtrap DP observations."
     )
-    camtrap_schema_dir: Path = Field(
-        default=Path("../shared/camtrap-dp"),
-        description="Folder holding the Camtrap DP 1.0 table schemas the importer validates against.",
-    )
     key_pepper: str = Field(
         default=PLACEHOLDER_SECRET,
         description="Secret mixed into API-key hashes; must be changed outside development and test.",

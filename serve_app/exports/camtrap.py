@@ -18,12 +18,11 @@ from typing import Any
 
 import psycopg
 
+from serve_app.exports.camtrap_tables import DEPLOYMENTS, MEDIA, OBSERVATIONS, TABLES, VERSION
 from serve_app.exports.summary import Check, iso_utc, query_args, stream_rows
 
-VERSION = "1.0.2"
 SCHEMA_BASE = f"https://raw.githubusercontent.com/tdwg/camtrap-dp/{VERSION}/"
 PROFILE_URL = SCHEMA_BASE + "camtrap-dp-profile.json"
-TABLES = ("deployments", "media", "observations")
 _RANGE = """i.captured_at >= %(start)s AND i.captured_at < %(end)s
   AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(%(sites)s::bigint[]))"""
 
@@ -47,76 +46,6 @@ FROM detections d JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.
 LEFT JOIN deer dr ON dr.id = d.deer_id
 WHERE {_RANGE} ORDER BY d.id
 """
-# Every field of the 1.0.2 table schemas, in schema order (unused ones stay empty).
-DEPLOYMENT_COLUMNS = (
-    "deploymentID",
-    "locationID",
-    "locationName",
-    "latitude",
-    "longitude",
-    "coordinateUncertainty",
-    "deploymentStart",
-    "deploymentEnd",
-    "setupBy",
-    "cameraID",
-    "cameraModel",
-    "cameraDelay",
-    "cameraHeight",
-    "cameraDepth",
-    "cameraTilt",
-    "cameraHeading",
-    "detectionDistance",
-    "timestampIssues",
-    "baitUse",
-    "featureType",
-    "habitat",
-    "deploymentGroups",
-    "deploymentTags",
-    "deploymentComments",
-)
-MEDIA_COLUMNS = (
-    "mediaID",
-    "deploymentID",
-    "captureMethod",
-    "timestamp",
-    "filePath",
-    "filePublic",
-    "fileName",
-    "fileMediatype",
-    "exifData",
-    "favorite",
-    "mediaComments",
-)
-OBSERVATION_COLUMNS = (
-    "observationID",
-    "deploymentID",
-    "mediaID",
-    "eventID",
-    "eventStart",
-    "eventEnd",
-    "observationLevel",
-    "observationType",
-    "cameraSetupType",
-    "scientificName",
-    "count",
-    "lifeStage",
-    "sex",
-    "behavior",
-    "individualID",
-    "individualPositionRadius",
-    "individualPositionAngle",
-    "individualSpeed",
-    "bboxX",
-    "bboxY",
-    "bboxWidth",
-    "bboxHeight",
-    "classificationMethod",
-    "classifiedBy",
-    "classificationTimestamp",
-    "classificationProbability",
-    "observationTags",
-    "observationComments",
-)
 
 
 def iso_s(value: dt.datetime | None) -> str | None:
@@ -196,6 +125,7 @@ def _observation(row: dict[str, Any], scientific_name: str) -> dict[str, Any]:
 
 
 def _write_table(zf: zipfile.ZipFile, name: str, columns: tuple[str, ...], rows: Any) -> int:
+    """One CSV table with every column of the standard in its order (unused ones stay empty)."""
     count = 0
     with zf.open(f"{name}.csv", "w", force_zip64=True) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
@@ -271,14 +201,14 @@ def write_package(
         for row in batch
     ]
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        _write_table(zf, "deployments", DEPLOYMENT_COLUMNS, [deployments])
+        _write_table(zf, "deployments", DEPLOYMENTS.columns, [deployments])
         media = stream_rows(conn, MEDIA_SQL, args, check=check, name="camtrap_media")
-        _write_table(zf, "media", MEDIA_COLUMNS, ([_media(r) for r in batch] for batch in media))
+        _write_table(zf, "media", MEDIA.columns, ([_media(r) for r in batch] for batch in media))
         observations = stream_rows(conn, OBSERVATIONS_SQL, args, check=check, name="camtrap_observations")
         count = _write_table(
             zf,
             "observations",
-            OBSERVATION_COLUMNS,
+            OBSERVATIONS.columns,
             ([_observation(r, scientific_name) for r in batch] for batch in observations),
         )
         package = descriptor(job_id=job_id, params=params, deployments=deployments, scientific_name=scientific_name)

@@ -18,8 +18,10 @@ from batch.camtrap_validation import PackageRejected, validate_package
 from batch.import_camtrap_dp import import_package, main
 from serve_app.exports.camtrap import write_package
 from serve_app.store.db import connect
+from tests.fixtures.camtrap_official import OFFICIAL, needs_official
 
-EXAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "camtrap-dp" / "example"
+EXAMPLE = OFFICIAL / "example"
+pytestmark = needs_official  # the standard's own example package
 
 
 def _csv(folder: Path, name: str) -> list[dict[str, str]]:

@@ -13,8 +13,10 @@ import pytest
 
 from batch.camtrap_validation import PackageRejected, validate_package
 from batch.import_camtrap_dp import import_package, main
+from tests.fixtures.camtrap_official import OFFICIAL, needs_official
 
-EXAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "camtrap-dp" / "example"
+EXAMPLE = OFFICIAL / "example"
+pytestmark = needs_official  # the standard's own example package
 
 
 def _media(folder: Path) -> list[dict[str, str]]:

@@ -6,7 +6,6 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +18,6 @@ from tests import factories
 from tests.fixtures.ray_cluster import app_settings, small_app_args, wait_ready
 
 TODAY = dt.datetime.now(dt.UTC).date()
-SHARED = Path(__file__).resolve().parents[3] / ".." / "shared" / "camtrap-dp"
 
 
 @dataclass

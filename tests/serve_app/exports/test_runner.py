@@ -26,7 +26,8 @@ from serve_app.exports.files import file_uri
 from serve_app.exports.jobs import JobStore
 from serve_app.exports.runner import run_export
 from tests import factories
-from tests.serve_app.exports.conftest import SHARED, TODAY, Dataset, sql_detections
+from tests.fixtures.camtrap_official import OFFICIAL, needs_official
+from tests.serve_app.exports.conftest import TODAY, Dataset, sql_detections
 
 
 def new_job(redis_url: str, export_dir: Path, params: dict[str, Any]) -> str:
@@ -109,7 +110,7 @@ def _profile_validator() -> Draft4Validator:
     (empty schemas): the Frictionless data-package schema
     (https://specs.frictionlessdata.io/schemas/data-package.json) and GeoJSON
     (http://json.schemastore.org/geojson.json). Everything the profile itself states is checked."""
-    profile = json.loads((SHARED / "camtrap-dp-profile.json").read_text())
+    profile = json.loads((OFFICIAL / "camtrap-dp-profile.json").read_text())
     stub = Resource.from_contents({}, default_specification=DRAFT4)
     registry = Registry().with_resources(
         [
@@ -126,17 +127,19 @@ def _frictionless_report(folder: Path) -> Any:
     descriptor = json.loads((folder / "datapackage.json").read_text())
     for resource in descriptor["resources"]:
         if resource["name"] in ("deployments", "media", "observations"):
-            resource["schema"] = json.loads((SHARED / f"{resource['name']}-table-schema.json").read_text())
+            resource["schema"] = json.loads((OFFICIAL / f"{resource['name']}-table-schema.json").read_text())
     descriptor["profile"] = "data-package"
     return Package(descriptor, basepath=str(folder)).validate()
 
 
+@needs_official
 def test_camtrap_reference_files_validate_the_standards_own_example() -> None:
-    example = json.loads((SHARED / "example" / "datapackage.json").read_text())
+    example = json.loads((OFFICIAL / "example" / "datapackage.json").read_text())
     assert list(_profile_validator().iter_errors(example)) == []
-    assert _frictionless_report(SHARED / "example").valid
+    assert _frictionless_report(OFFICIAL / "example").valid
 
 
+@needs_official
 def test_camtrap_package_passes_the_standards_checks(
     database_url: str, redis_client: redis.Redis, redis_url: str, dataset: Dataset, db: Any, tmp_path: Path
 ) -> None:
