@@ -31,7 +31,7 @@ import ray
 from batch import runs
 from batch.runs import BackfillOptions, RunLocked, Selection
 from serve_app.config import Settings, get_settings
-from serve_app.reid.embedder import RANDOM_WEIGHTS, model_version_for, weights_digest
+from serve_app.reid.model_spec import RANDOM_WEIGHTS, model_version_for, weights_digest
 from serve_app.store.db import connect
 
 logger = logging.getLogger("batch.backfill")
@@ -64,7 +64,7 @@ class RunResult:
 
 def model_version(options: BackfillOptions) -> str:
     """The version string the embedder will report, computed without loading the model."""
-    digest = None if options.weights == RANDOM_WEIGHTS else weights_digest(Path(options.weights))
+    digest = None if options.spec.random_weights else weights_digest(Path(options.weights))
     return model_version_for(options.spec, digest=digest)
 
 
@@ -158,7 +158,7 @@ def run_backfill(
             runs.try_lock_run(conn, run_id)
         elif run_id is not None:
             runs.mark_resumed(conn, run_id)
-        if "random" in version:
+        if options.spec.random_weights:
             logger.warning("model %s has RANDOM weights: its scores carry no identity information", version)
         logger.info(
             "backfill %s: model %s, %d detections to score in sites %s%s",

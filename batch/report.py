@@ -14,6 +14,7 @@ import psycopg
 
 from batch.mixture import fit_mixture
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD
+from serve_app.reid.model_spec import version_has_random_weights
 
 RATE_THRESHOLDS = [round(0.30 + 0.05 * i, 2) for i in range(13)]  # 0.30 .. 0.90
 F1_GRID = [round(0.01 * i, 2) for i in range(101)]
@@ -134,7 +135,7 @@ def build_report(
     best = max((r for r in labelled if r["f1"] is not None), key=lambda r: r["f1"], default=None)
     truth_thresholds = sorted({*RATE_THRESHOLDS, round(current_threshold, 4), round(recommended, 4)})
     truth = truth_table(conn, args, truth_thresholds)
-    random_weights = "random" in model_version
+    random_weights = version_has_random_weights(model_version)
     warnings = []
     if random_weights:
         warnings.append(

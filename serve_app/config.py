@@ -10,6 +10,8 @@ from pydantic import Field, PostgresDsn, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me"  # noqa: S105 - the value refused outside development
+DEFAULT_SCIENTIFIC_NAME = "Odocoileus virginianus"
+"""The taxon an export names when none is configured (white-tailed deer): Settings and the runner share it."""
 
 
 class Settings(BaseSettings):
@@ -44,7 +46,7 @@ class Settings(BaseSettings):
     )
     export_task_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved by each export task.")
     export_scientific_name: str = Field(
-        default="Odocoileus virginianus", description="Taxon written into Camtrap DP observations."
+        default=DEFAULT_SCIENTIFIC_NAME, description="Taxon written into Camtrap DP observations."
     )
     key_pepper: str = Field(
         default=PLACEHOLDER_SECRET,

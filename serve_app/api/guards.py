@@ -6,7 +6,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.api.problems import problem_response
+from serve_app.api.problems import problem_response, retry_later
 from serve_app.config import Settings
 from serve_app.errors import InvalidKey, ServiceUnavailable
 from serve_app.keyring import KeyVerifier
@@ -152,7 +152,7 @@ class RequireKey:
                 503,
                 "service-unavailable",
                 str(exc),
-                headers={"Retry-After": "5"},
+                headers=retry_later(),
                 instance=scope["path"],
                 extra={"services": [exc.service]},
             )

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api.deps import ResourcesDep
-from serve_app.api.problems import problem_response
+from serve_app.api.problems import problem_response, retry_later
 from serve_app.resources import Resources
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ async def readyz(request: Request, resources: ResourcesDep) -> Any:
             503,
             "not-ready",
             "not ready: " + ", ".join(f"{n} is down ({r})" for n, r in down.items()),
-            headers={"Retry-After": "5"},
+            headers=retry_later(),
             instance="/readyz",
             extra={"services": sorted(down), "checks": checks},
         )

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 PROBLEM_BASE = "https://trailcam-reid.dev/problems/"
+UNAVAILABLE_RETRY_AFTER_S = 5
+"""How long a 503 asks the client to wait before retrying, seconds (its Retry-After header)."""
 
 _TITLES = {
     400: "Bad Request",
@@ -77,6 +79,11 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "services": {"type": "array", "items": {"type": "string"}},
     },
 }
+
+
+def retry_later() -> dict[str, str]:
+    """The headers of a 503: come back after :data:`UNAVAILABLE_RETRY_AFTER_S`."""
+    return {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
 
 
 def problem_doc(description: str) -> dict[str, Any]:
@@ -244,7 +251,7 @@ def install_problem_handlers(app: FastAPI) -> None:
             503,
             "service-unavailable",
             str(exc),
-            headers={"Retry-After": "5"},
+            headers=retry_later(),
             instance=request.url.path,
             extra={"services": [exc.service]},
         )
@@ -256,7 +263,7 @@ def install_problem_handlers(app: FastAPI) -> None:
             503,
             "service-unavailable",
             f"{service} unavailable; retry later",
-            headers={"Retry-After": "5"},
+            headers=retry_later(),
             instance=request.url.path,
             extra={"services": [service]},
         )

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import redis
 
+from serve_app.config import DEFAULT_SCIENTIFIC_NAME
 from serve_app.exports import metrics
 from serve_app.exports.camtrap import CamtrapError, write_package
 from serve_app.exports.files import ExportFiles, file_uri
@@ -25,7 +26,6 @@ from serve_app.store.db import connect
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCIENTIFIC_NAME = "Odocoileus virginianus"
 MAX_ERROR_CHARS = 300
 
 
@@ -54,22 +54,20 @@ class Heartbeat(threading.Thread):
         self._interval_s = interval_s
         self._stop_event = threading.Event()
         self.gone = threading.Event()
-        self.progress = 0.0
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval_s):
             try:
-                if not self._lease.renew(progress=round(self.progress, 3)):
+                if not self._lease.renew():
                     self.gone.set()
                     return
             except redis.RedisError as exc:  # the lease may lapse; the final CAS then tells
                 logger.warning("lease renewal failed: %s", exc)
 
     def check(self) -> None:
-        """Raise JobGone when the job no longer wants this runner; advance progress a little."""
+        """Raise JobGone when the job no longer wants this runner (called between batches)."""
         if self.gone.is_set():
             raise JobGone()
-        self.progress = min(0.9, self.progress + 0.02)
 
     def stop(self) -> None:
         """End the thread (it exits within one interval at most; it is a daemon anyway)."""

@@ -22,12 +22,19 @@ from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
 from serve_app.reid.embedder import Embedder, ModelSpec
 from serve_app.reid.identification import Identification, IdentifyRequest
 from serve_app.reid.identifier import Identifier, IdentifierOptions
+from serve_app.reid.model_spec import RANDOM_WEIGHTS
 from serve_app.reid.score_buffer import BufferLimits, ScoreBuffer
 from serve_app.store.db import make_pool
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ReID"
+MAX_ONGOING_REQUESTS = 64
+"""Requests a replica holds at once unless the args say otherwise (>= the batch size, so batches fill)."""
+MAX_BATCH_SIZE = 32
+"""Crops per forward pass unless the args or user_config say otherwise."""
+BATCH_WAIT_TIMEOUT_S = 0.05
+"""How long a replica waits to fill a batch unless the args or user_config say otherwise, seconds."""
 
 
 class ReIDUserConfig(BaseModel):
@@ -69,16 +76,18 @@ class ReIDArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     architecture: str = "resnet50"
-    weights: str = Field(default="random", description="'random' (seeded) or a local state-dict/TorchScript path.")
+    weights: str = Field(
+        default=RANDOM_WEIGHTS, description="'random' (seeded) or a local state-dict/TorchScript path."
+    )
     seed: int = 7
     input_size_px: int = Field(default=224, ge=16)
     device: str = "auto"
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads per replica.")
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    max_batch_size: int = Field(default=32, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    max_ongoing_requests: int = Field(default=MAX_ONGOING_REQUESTS, ge=1)
+    max_batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1)
+    batch_wait_timeout_s: float = Field(default=BATCH_WAIT_TIMEOUT_S, ge=0)
     autoscaling_config: dict[str, Any] | None = None
     num_replicas: int = Field(default=1, ge=1, description="Used when autoscaling_config is not set.")
     gallery_cap_per_deer: int = Field(default=20, ge=1)
@@ -92,7 +101,12 @@ class ReIDArgs(BaseModel):
         return ModelSpec(self.architecture, self.weights, self.seed, self.input_size_px, self.device)
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+)
 class ReIDDeployment:
     """Embeds crops in batches and answers identifications; logs every similarity without waiting on Postgres."""
 
@@ -149,7 +163,7 @@ class ReIDDeployment:
             self._batcher().set_batch_wait_timeout_s(parsed.batch_wait_timeout_s)
         logger.info("thresholds now accept=%s review=%s", parsed.accept_threshold, parsed.review_threshold)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)  # the args set both
     async def identify(self, requests: list[IdentifyRequest]) -> list[Identification | ImageConflict]:
         """Identify a batch of crops (Serve groups callers' requests); a refused image answers its ImageConflict."""
         metrics.record_batch(len(requests))

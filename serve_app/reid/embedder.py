@@ -10,10 +10,8 @@ Plain Python, importable by the online path and by batch jobs without a cluster:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,38 +19,14 @@ import torch
 import torchvision
 from PIL import Image
 
+from serve_app.reid.model_spec import RANDOM_WEIGHTS as RANDOM_WEIGHTS
+from serve_app.reid.model_spec import TORCHSCRIPT as TORCHSCRIPT
+from serve_app.reid.model_spec import ModelSpec as ModelSpec
+from serve_app.reid.model_spec import model_version_for as model_version_for
+from serve_app.reid.model_spec import weights_digest as weights_digest
 from serve_app.reid.preprocessing import to_batch
 
 logger = logging.getLogger(__name__)
-
-RANDOM_WEIGHTS = "random"
-TORCHSCRIPT = "torchscript"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to run: architecture name, weights (``random`` or a local file), seed, input size, device."""
-
-    architecture: str = "resnet50"
-    weights: str = RANDOM_WEIGHTS
-    seed: int = 7
-    input_size_px: int = 224
-    device: str = "auto"
-
-
-def weights_digest(path: Path) -> str:
-    """The first 12 hex digits of the weights file's SHA-256 (part of the model version)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
-def model_version_for(spec: ModelSpec, *, digest: str | None = None) -> str:
-    """``<architecture>-<weights id>-<input px>``; random weights say ``random`` and their seed."""
-    weights_id = f"{RANDOM_WEIGHTS}-seed{spec.seed}" if spec.weights == RANDOM_WEIGHTS else (digest or "unknown")
-    return f"{spec.architecture}-{weights_id}-{spec.input_size_px}"
 
 
 def pick_device(name: str) -> torch.device:
@@ -74,7 +48,7 @@ def _strip_head(model: torch.nn.Module) -> torch.nn.Module:
 def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
     if spec.architecture not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown torchvision architecture {spec.architecture!r}")
-    if spec.weights == RANDOM_WEIGHTS:
+    if spec.random_weights:
         logger.warning(
             "RANDOM WEIGHTS: %s is initialised from seed %d; its similarities carry no identity information "
             "(tests and the offline demo only)",
@@ -97,11 +71,11 @@ def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
 
 def load_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     """The model (eval mode, on CPU) and its version string."""
-    if spec.weights != RANDOM_WEIGHTS and not Path(spec.weights).is_file():
+    if not spec.random_weights and not Path(spec.weights).is_file():
         raise FileNotFoundError(f"weights file not found: {spec.weights}")
-    digest = None if spec.weights == RANDOM_WEIGHTS else weights_digest(Path(spec.weights))
+    digest = None if spec.random_weights else weights_digest(Path(spec.weights))
     if spec.architecture == TORCHSCRIPT:
-        if spec.weights == RANDOM_WEIGHTS:
+        if spec.random_weights:
             raise ValueError("a TorchScript model needs a weights file")
         model: torch.nn.Module = torch.jit.load(spec.weights, map_location="cpu")  # type: ignore[no-untyped-call]
     else:

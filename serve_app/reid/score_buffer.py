@@ -32,10 +32,10 @@ from serve_app.reid.scores import (
     prune_chunks,
     rows_with_live_references,
 )
+from serve_app.store.db import CONNECT_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 3
 RETRY_BACKOFF_MAX_S = 5.0
 PRUNE_INTERVAL_S = 600.0
 """Seconds between a writer's prunes of chunk ids past their retention."""

@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3
+"""How long opening a Postgres connection may take before it fails, seconds (every connection we open)."""
 
 
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection[dict[str, object]]:

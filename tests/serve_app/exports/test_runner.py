@@ -23,8 +23,8 @@ from referencing.jsonschema import DRAFT4
 
 from serve_app.exports import scripts
 from serve_app.exports.files import file_uri
-from serve_app.exports.jobs import JobStore
-from serve_app.exports.runner import run_export
+from serve_app.exports.jobs import JobStore, RunnerLease
+from serve_app.exports.runner import Heartbeat, run_export
 from tests import factories
 from tests.fixtures.camtrap_official import OFFICIAL, needs_official
 from tests.serve_app.exports.conftest import TODAY, Dataset, sql_detections
@@ -193,3 +193,29 @@ def test_a_runner_whose_job_was_deleted_removes_its_file(
     assert status == "gone"
     assert list(tmp_path.iterdir()) == []
     assert redis_client.exists(scripts.job_key(job_id)) == 0
+
+
+def test_a_running_export_reports_no_made_up_progress(redis_url: str, tmp_path: Path) -> None:
+    """Progress is not guessed from the number of batches: 0 while processing, 1 once completed."""
+    job_id = new_job(redis_url, tmp_path, params("csv"))
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = scripts.job_key(job_id)
+    lease = RunnerLease(client, job_id, lease_s=0.3)
+    assert lease.renew(progress=0.0)
+    before = client.hget(key, "updated_at")
+    heartbeat = Heartbeat(lease, interval_s=0.1)
+    heartbeat.start()
+    try:
+        for _ in range(60):  # sixty batches written
+            heartbeat.check()
+        for _ in range(200):  # until the heartbeat has renewed the lease at least once
+            if client.hget(key, "updated_at") != before:
+                break
+            heartbeat.gone.wait(0.05)
+        assert client.hget(key, "updated_at") != before, "the heartbeat never renewed the lease"
+        assert float(client.hget(key, "progress") or 0) == 0.0
+    finally:
+        heartbeat.stop()
+    assert lease.finish("completed", download_url="/x", progress=1.0)
+    assert float(client.hget(key, "progress") or 0) == 1.0
+    client.close()
