@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.kube_schema import CRD_DIR, crd_schemas, load_documents, validation_errors
+from tests.cluster.kube_schema import CRD_DIR, crd_schemas, load_documents, needs_crds, validation_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "cluster" / "kuberay"
@@ -49,12 +49,14 @@ def ray_documents() -> list[dict[str, Any]]:
     return [doc for kind in ("RayService", "RayJob", "RayCronJob") for doc in documents(kind)]
 
 
+@needs_crds
 def test_the_kuberay_crds_are_there() -> None:
     assert CRD_DIR.is_dir(), f"KubeRay CRDs expected at {CRD_DIR} (a sibling of the repository)"
     kinds = {kind for (api_version, kind) in crd_schemas() if api_version == "ray.io/v1"}
     assert {"RayService", "RayJob", "RayCronJob", "RayCluster"} <= kinds
 
 
+@needs_crds
 @pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
 def test_every_manifest_document_validates(path: Path) -> None:
     docs = load_documents(path)
@@ -76,6 +78,7 @@ def test_the_expected_resources_exist() -> None:
     assert any(e.startswith("python -m batch.analyze --model-version ") and " --out " in e for e in entrypoints)
 
 
+@needs_crds
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -118,6 +121,7 @@ def test_the_validator_catches_broken_manifests(mutate: Any, expected: str) -> N
     assert any(expected in error for error in errors), errors
 
 
+@needs_crds
 def test_a_raycronjob_without_a_schedule_is_rejected() -> None:
     doc = only("RayCronJob")
     del doc["spec"]["schedule"]
