@@ -1,4 +1,7 @@
-"""Domain errors; plain Exception subclasses with picklable arguments (Ray ships them)."""
+"""Domain errors; plain Exception subclasses with picklable arguments (Ray ships them).
+
+They say what went wrong, never how HTTP answers it: serve_app/api/problems.py alone maps them to status and code.
+"""
 
 from __future__ import annotations
 
@@ -41,3 +44,67 @@ class ImageConflict(TrailcamError):
 
     def __str__(self) -> str:
         return self.detail
+
+
+class PathRefused(TrailcamError):
+    """A path that may not be used under its root; ``reason`` names the rule (``serve_app.paths.REASONS``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class ImageRejected(TrailcamError):
+    """An image or image URI refused before it reaches the model; each subclass says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class ImageUriRefused(ImageRejected):
+    """The image URI names no path under the image root; ``reason`` is the :class:`PathRefused` rule it broke."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.args = (reason, detail)  # what unpickling passes back to __init__
+        self.reason = reason
+
+
+class ImageNotFound(ImageRejected):
+    """No image file exists at the image URI."""
+
+
+class ImageUnreadable(ImageRejected):
+    """The image file exists but the operating system refuses to read it."""
+
+
+class ImageTooLarge(ImageRejected):
+    """The image file has more bytes than the configured limit."""
+
+
+class ImageTooManyPixels(ImageRejected):
+    """The image header declares more pixels than the configured limit (a decompression bomb)."""
+
+
+class UnsupportedImageType(ImageRejected):
+    """The image is neither JPEG nor PNG."""
+
+
+class UndecodableImage(ImageRejected):
+    """The bytes are not an image any decoder recognises."""
+
+
+class CorruptImage(ImageRejected):
+    """The image is recognised but its data is corrupt or truncated."""
+
+
+class JobGone(TrailcamError):
+    """An export job was deleted, expired or ended by someone else while its runner worked."""

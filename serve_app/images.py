@@ -12,70 +12,54 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from serve_app.errors import TrailcamError
-from serve_app.paths import PathRefused, confine
+from serve_app.errors import (
+    CorruptImage,
+    ImageNotFound,
+    ImageTooLarge,
+    ImageTooManyPixels,
+    ImageUnreadable,
+    ImageUriRefused,
+    PathRefused,
+    UndecodableImage,
+    UnsupportedImageType,
+)
+from serve_app.errors import ImageRejected as ImageRejected  # re-exported: callers catch it from here
+from serve_app.paths import confine
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG"})
 UPLOAD_DIR = "uploads"
-
-
-class ImageRejected(TrailcamError):
-    """An image or image URI that is refused before it reaches the model (answered as a 4xx)."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(status, code, detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
-
-
-# PathRefused.reason -> (status, problem code) of the API.
-_REFUSALS = {
-    "empty": (400, "invalid-image-uri"),
-    "nul": (400, "invalid-image-uri"),
-    "unresolvable": (400, "invalid-image-uri"),
-    "scheme": (400, "image-uri-scheme"),
-    "absolute": (400, "image-uri-outside-root"),
-    "parent": (400, "image-uri-outside-root"),
-    "outside": (400, "image-uri-outside-root"),
-    "too-long": (400, "image-uri-too-long"),
-}
 
 
 def resolve_image_uri(uri: str, *, root: Path) -> tuple[Path, str]:
     """The real path of ``uri`` and its canonical form relative to ``root``; refuses anything outside it.
 
     The rule is :func:`serve_app.paths.confine` (no scheme, NUL, ``..``, absolute path, symlink escape or
-    over-long name); a refusal or an OS error while looking at the file is a 4xx, never a 500.
+    over-long name); a refusal or an OS error while looking at the file is an :class:`ImageRejected`.
     """
     try:
         real, rel = confine(uri, root=root)
     except PathRefused as exc:
-        status, code = _REFUSALS[exc.reason]
-        raise ImageRejected(status, code, f"image_uri: {exc.detail}") from exc
+        raise ImageUriRefused(exc.reason, f"image_uri: {exc.detail}") from exc
     try:
         found = real.is_file()
     except OSError as exc:
-        raise ImageRejected(422, "image-unreadable", f"image_uri cannot be read: {exc.strerror}") from exc
+        raise ImageUnreadable(f"image_uri cannot be read: {exc.strerror}") from exc
     if not found:
-        raise ImageRejected(422, "image-not-found", "no image file at image_uri")
+        raise ImageNotFound("no image file at image_uri")
     return real, rel
 
 
 def read_limited(path: Path, *, max_bytes: int) -> bytes:
-    """The file's bytes, refusing files over ``max_bytes``; an OS error reading it is a 422."""
+    """The file's bytes, refusing files over ``max_bytes``; an OS error reading it is :class:`ImageUnreadable`."""
     try:
         if path.stat().st_size > max_bytes:
-            raise ImageRejected(413, "image-too-large", f"image file exceeds {max_bytes} bytes")
+            raise ImageTooLarge(f"image file exceeds {max_bytes} bytes")
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise ImageRejected(422, "image-unreadable", f"image file cannot be read: {exc.strerror}") from exc
+        raise ImageUnreadable(f"image file cannot be read: {exc.strerror}") from exc
     if len(data) > max_bytes:  # grew after the stat
-        raise ImageRejected(413, "image-too-large", f"image file exceeds {max_bytes} bytes")
+        raise ImageTooLarge(f"image file exceeds {max_bytes} bytes")
     return data
 
 
@@ -87,20 +71,18 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             probe = Image.open(io.BytesIO(data))
             fmt, (width, height) = probe.format, probe.size
             if fmt not in ALLOWED_FORMATS:
-                raise ImageRejected(415, "unsupported-image-type", "only JPEG and PNG images are accepted")
+                raise UnsupportedImageType("only JPEG and PNG images are accepted")
             if width * height > max_pixels:
-                raise ImageRejected(
-                    413, "decompression-bomb", f"image of {width}x{height} pixels exceeds {max_pixels} pixels"
-                )
+                raise ImageTooManyPixels(f"image of {width}x{height} pixels exceeds {max_pixels} pixels")
             probe.verify()
             image = Image.open(io.BytesIO(data))
             image.load()
     except ImageRejected:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageRejected(422, "invalid-image", f"not a readable image: {type(exc).__name__}") from exc
+        raise UndecodableImage(f"not a readable image: {type(exc).__name__}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(422, "corrupt-image", f"image data is corrupt or truncated: {exc}") from exc
+        raise CorruptImage(f"image data is corrupt or truncated: {exc}") from exc
     return image.convert("RGB")
 
 

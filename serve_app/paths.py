@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from serve_app.errors import TrailcamError
+from serve_app.errors import PathRefused as PathRefused
 
 NAME_MAX_BYTES = 255
 """Longest file or folder name the file systems we run on accept, in bytes (Linux NAME_MAX)."""
@@ -21,19 +21,8 @@ PATH_MAX_BYTES = 4095
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-class PathRefused(TrailcamError):
-    """A path that may not be used under its root; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
-
-
 REASONS = ("empty", "nul", "scheme", "absolute", "parent", "too-long", "outside", "unresolvable")
+"""Every :class:`PathRefused` reason :func:`confine` gives."""
 
 
 def confine(path: str, *, root: Path) -> tuple[Path, str]:

@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 
 from serve_app.api.deps import PrincipalDep, ResourcesDep
-from serve_app.api.problems import Problem, rule_errors
+from serve_app.api.problems import Problem, image_problem, rule_errors
 from serve_app.config import Settings
-from serve_app.errors import ImageConflict, NotFound, TrailcamError
-from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri, store_upload, upload_uri
+from serve_app.errors import ImageConflict, ImageRejected, NotFound, TrailcamError
+from serve_app.images import decode_image, read_limited, resolve_image_uri, store_upload, upload_uri
 from serve_app.keys import Principal
 from serve_app.reid.identification import Identification, IdentifyRequest, recorded_elsewhere
 from serve_app.reid.preprocessing import BBox, crop
@@ -106,12 +106,8 @@ def _load_uri(path: Path, settings: Settings) -> bytes:
 
 
 def _reject(exc: ImageRejected | ImageConflict, field: str) -> Problem:
-    """The problem for a refused image (4xx) or an image URI recorded for another camera or time (409)."""
-    if isinstance(exc, ImageConflict):
-        return Problem(
-            409, "image-conflict", exc.detail, errors=[{"rule": "image-conflict", "field": field, "detail": exc.detail}]
-        )
-    return Problem(exc.status, exc.code, exc.detail, errors=[{"rule": exc.code, "field": field, "detail": exc.detail}])
+    """The problem for a refused image or an image URI recorded for another camera or time (mapped in problems)."""
+    return image_problem(exc, field=field)
 
 
 async def build_request(

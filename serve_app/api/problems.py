@@ -14,7 +14,21 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve_app.errors import ImageConflict, InvalidKey, NotFound, ServiceUnavailable
+from serve_app.errors import (
+    CorruptImage,
+    ImageConflict,
+    ImageNotFound,
+    ImageRejected,
+    ImageTooLarge,
+    ImageTooManyPixels,
+    ImageUnreadable,
+    ImageUriRefused,
+    InvalidKey,
+    NotFound,
+    ServiceUnavailable,
+    UndecodableImage,
+    UnsupportedImageType,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +142,44 @@ class Problem(Exception):
         self.extra = dict(extra or {})
 
 
+# Domain errors -> (status, problem code) clients branch on. Only this module knows HTTP.
+_IMAGE_REJECTIONS: dict[type[ImageRejected], tuple[int, str]] = {
+    ImageNotFound: (422, "image-not-found"),
+    ImageUnreadable: (422, "image-unreadable"),
+    ImageTooLarge: (413, "image-too-large"),
+    ImageTooManyPixels: (413, "decompression-bomb"),
+    UnsupportedImageType: (415, "unsupported-image-type"),
+    UndecodableImage: (422, "invalid-image"),
+    CorruptImage: (422, "corrupt-image"),
+}
+# ImageUriRefused.reason (a PathRefused rule) -> problem code; every refused URI is a 400.
+_URI_REFUSALS = {
+    "empty": "invalid-image-uri",
+    "nul": "invalid-image-uri",
+    "unresolvable": "invalid-image-uri",
+    "scheme": "image-uri-scheme",
+    "absolute": "image-uri-outside-root",
+    "parent": "image-uri-outside-root",
+    "outside": "image-uri-outside-root",
+    "too-long": "image-uri-too-long",
+}
+
+
+def image_status(exc: ImageRejected | ImageConflict) -> tuple[int, str]:
+    """The HTTP status and problem code of a refused image or an image URI recorded elsewhere."""
+    if isinstance(exc, ImageConflict):
+        return 409, "image-conflict"
+    if isinstance(exc, ImageUriRefused):
+        return 400, _URI_REFUSALS.get(exc.reason, "invalid-image-uri")
+    return next((found for kind, found in _IMAGE_REJECTIONS.items() if isinstance(exc, kind)), (422, "invalid-image"))
+
+
+def image_problem(exc: ImageRejected | ImageConflict, *, field: str) -> Problem:
+    """The problem for a refused image (4xx) or an image URI recorded for another camera or time (409)."""
+    status, code = image_status(exc)
+    return Problem(status, code, exc.detail, errors=[{"rule": code, "field": field, "detail": exc.detail}])
+
+
 def problem_response(
     status: int,
     code: str,
@@ -232,8 +284,12 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ImageConflict)
     async def _image_conflict(request: Request, exc: ImageConflict) -> JSONResponse:
-        errors = [{"rule": "image-conflict", "field": "image_uri", "detail": exc.detail}]
-        return problem_response(409, "image-conflict", exc.detail, errors=errors, instance=request.url.path)
+        return await _problem(request, image_problem(exc, field="image_uri"))
+
+    @app.exception_handler(ImageRejected)
+    async def _image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
+        field = "image_uri" if isinstance(exc, ImageUriRefused) else "image"
+        return await _problem(request, image_problem(exc, field=field))
 
     @app.exception_handler(InvalidKey)
     async def _invalid_key(request: Request, exc: InvalidKey) -> JSONResponse:

@@ -17,6 +17,7 @@ import psycopg
 import redis
 
 from serve_app.config import DEFAULT_SCIENTIFIC_NAME
+from serve_app.errors import JobGone
 from serve_app.exports import metrics
 from serve_app.exports.camtrap import CamtrapError, write_package
 from serve_app.exports.files import ExportFiles, file_uri
@@ -27,10 +28,6 @@ from serve_app.store.db import connect
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 300
-
-
-class JobGone(Exception):
-    """The job was deleted, expired or ended by someone else while the runner worked."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from batch.crops import UnreadableImage, image_path
+from serve_app.api.problems import image_status
 from serve_app.images import ImageRejected, resolve_image_uri
 from tests import factories
 
@@ -54,7 +55,7 @@ def test_the_api_resolver_refuses_every_hostile_path_with_a_400(root: Path) -> N
         try:
             resolve_image_uri(path, root=root)
         except ImageRejected as exc:
-            assert exc.status == 400, (case, exc.code, exc.detail)
+            assert image_status(exc)[0] == 400, (case, image_status(exc), exc.detail)
         else:
             pytest.fail(f"{case}: {path[:60]!r} was accepted")
     assert resolve_image_uri("cam/ok.jpg", root=root) == ((root / "cam" / "ok.jpg").resolve(), "cam/ok.jpg")
@@ -74,7 +75,8 @@ def test_a_symlink_loop_or_a_missing_file_is_a_4xx_not_an_os_error(root: Path) -
     for path in ("loop.jpg", "cam/missing.jpg", "cam/ok.jpg/below.jpg"):
         with pytest.raises(ImageRejected) as caught:
             resolve_image_uri(path, root=root)
-        assert 400 <= caught.value.status < 500, (path, caught.value.code)
+        status, code = image_status(caught.value)
+        assert 400 <= status < 500, (path, code)
 
 
 def _key_and_camera(db: psycopg.Connection[Any]) -> tuple[dict[str, str], int]:
