@@ -17,10 +17,10 @@ from serve_app.errors import InvalidKey, ServiceUnavailable
 from serve_app.keys import (
     LOOKUP_SQL,
     Principal,
-    digests_match,
     hash_key,
     key_prefix,
     looks_like_key,
+    matching_row,
     principal_from_row,
 )
 
@@ -125,7 +125,7 @@ class KeyVerifier:
     ) -> None:
         now = time.monotonic()
         for digest, (prefix, future) in batch.items():
-            row = next((r for r in rows if r["prefix"] == prefix and digests_match(str(r["key_hash"]), digest)), None)
+            row = matching_row(rows, prefix=prefix, digest=digest)
             principal = principal_from_row(row) if row is not None else None
             if principal is None:
                 _remember(self._refused, digest, now + REFUSED_CACHE_S)

@@ -113,9 +113,13 @@ def find_key(conn: psycopg.Connection[Any], *, key: str, pepper: str) -> dict[st
     """The active api_keys row of ``key`` (found by its prefix, its digest compared in constant time), or None."""
     if not looks_like_key(key):
         return None
-    digest = hash_key(key, pepper=pepper)
     rows: list[dict[str, Any]] = conn.execute(LOOKUP_SQL, ([key_prefix(key)],)).fetchall()
-    return next((row for row in rows if digests_match(str(row["key_hash"]), digest)), None)
+    return matching_row(rows, prefix=key_prefix(key), digest=hash_key(key, pepper=pepper))
+
+
+def matching_row(rows: list[dict[str, Any]], *, prefix: str, digest: str) -> dict[str, Any] | None:
+    """The row among ``LOOKUP_SQL``'s whose prefix is the key's and whose digest matches (constant time)."""
+    return next((r for r in rows if r["prefix"] == prefix and digests_match(str(r["key_hash"]), digest)), None)
 
 
 def principal_from_row(row: dict[str, Any]) -> Principal:

@@ -57,8 +57,8 @@ class LimitBody:
             await problem_response(413, code, detail, instance=scope["path"])(scope, receive, send)
             return
         if declared is None:
-            # Unknown length: read up to the limit before anything else runs (the key check included), so
-            # an oversized stream is refused after the fewest bytes; the app then replays what was read.
+            # Unknown length: read up to the limit before the route runs, so an oversized stream is refused
+            # after the fewest bytes whatever the route reads; the app then replays what was read.
             buffered, over = await _read_up_to(receive, limit)
             if over:
                 await problem_response(413, code, detail, instance=scope["path"])(scope, receive, send)

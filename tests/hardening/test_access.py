@@ -19,6 +19,7 @@ import yaml
 
 from tests import factories
 from tests.hardening.conftest import SiteData, export_body, make_site, wait_final
+from tests.waiting import sessions_waiting_on_locks
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEM = "application/problem+json"
@@ -243,10 +244,10 @@ def test_a_burst_with_an_uncached_key_waits_for_one_lookup(
                     keys = app.state.resources.keys
                     deadline = time.monotonic() + 30
                     # Every request has reached the key check and the lookup waits behind the lock.
-                    while not (keys.waiting == 30 and _waiting_on_locks(db) >= 1):
-                        assert time.monotonic() < deadline, (keys.waiting, _waiting_on_locks(db))
+                    while not (keys.waiting == 30 and sessions_waiting_on_locks(db) >= 1):
+                        assert time.monotonic() < deadline, (keys.waiting, sessions_waiting_on_locks(db))
                         await asyncio.sleep(0.05)
-                    blocked = _waiting_on_locks(db)
+                    blocked = sessions_waiting_on_locks(db)
                     locker.rollback()
                 statuses = [r.status_code for r in await asyncio.gather(*requests)]
                 return blocked, statuses, keys.queries
@@ -255,13 +256,6 @@ def test_a_burst_with_an_uncached_key_waits_for_one_lookup(
     assert blocked == 1, f"key lookups waiting in Postgres: {blocked}"
     assert statuses == [404] * 30  # every request was authenticated
     assert queries == 1  # by the one lookup
-
-
-def _waiting_on_locks(db: psycopg.Connection[Any]) -> int:
-    row = db.execute(
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return int(row["n"])
 
 
 async def _get_all(app: Any, path: str, headers: list[dict[str, str]]) -> list[int]:

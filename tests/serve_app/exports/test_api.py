@@ -20,6 +20,7 @@ import redis
 from serve_app.exports import scripts
 from tests import factories
 from tests.serve_app.exports.conftest import TODAY, Dataset, auth, request_body, sql_detections, wait_final
+from tests.waiting import sessions_waiting_on_locks, wait_until
 
 TOMORROW = TODAY + dt.timedelta(days=1)
 
@@ -189,12 +190,7 @@ def test_delete_cancels_a_running_job_and_leaves_no_file(
         deadline = time.monotonic() + 30
         while not redis_client.hget(job_key, "worker_pid") and time.monotonic() < deadline:
             time.sleep(0.05)
-        waiting = (
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        while db.execute(waiting).fetchone()["n"] == 0:  # the runner is mid-query, waiting on the lock
-            assert time.monotonic() < deadline, "the export runner never reached its query"
-            time.sleep(0.05)
+        wait_until(lambda: sessions_waiting_on_locks(db) >= 1, what="the export runner waiting on the lock")
         running = client.get(url, headers=key)
         assert running.json()["status"] == "processing"
         assert running.headers["retry-after"] == "1"

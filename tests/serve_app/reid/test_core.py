@@ -22,7 +22,7 @@ from serve_app.reid.preprocessing import BBox, crop
 from serve_app.reid.score_buffer import BufferLimits, ScoreBuffer
 from serve_app.reid.scores import copy_scores, score_rows
 from tests import factories
-from tests.serve_app.reid.waiting import wait_until_async
+from tests.waiting import wait_until_async
 
 SMALL = ModelSpec(architecture="resnet18", weights="random", seed=7, input_size_px=64)
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from serve_app.reid.preprocessing import BBox, crop
 from serve_app.reid.score_buffer import ScoreBuffer
 from serve_app.store.db import make_pool
 from tests import factories
+from tests.waiting import sessions_waiting_on_locks, wait_until, wait_until_async
 
 SMALL = ModelSpec(architecture="resnet18", weights="random", seed=7, input_size_px=64)
 BOX = BBox(0.2, 0.2, 0.5, 0.6)
@@ -105,20 +104,6 @@ def test_a_stale_gallery_match_on_a_merged_profile_is_stored_on_the_survivor(
     assert [(r["deer_id"], r["rank"], r["matched"]) for r in logged] == [(survivor, 1, True)]
 
 
-def _waiting(db: psycopg.Connection[Any]) -> int:
-    row = db.execute(
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return int(row["n"])
-
-
-def _wait_for(check: Callable[[], bool], *, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.05)
-
-
 def test_a_review_assignment_racing_a_merge_never_lands_on_the_merged_profile(
     serve_url: str, database_url: str, db: psycopg.Connection[Any]
 ) -> None:
@@ -137,11 +122,13 @@ def test_a_review_assignment_racing_a_merge_never_lands_on_the_merged_profile(
         holder.execute("SELECT id FROM deer WHERE id = %s FOR UPDATE", (survivor,))
         threads = [threading.Thread(target=post, args=("merge", f"/api/deer/{older}/merge", {"into": survivor}))]
         threads[0].start()
-        _wait_for(lambda: _waiting(db) >= 1)
+        wait_until(lambda: sessions_waiting_on_locks(db) >= 1, what="a session waiting on the lock")
         assign = ("assign", f"/api/detections/{item}/assignment", {"deer_id": older})
         threads.append(threading.Thread(target=post, args=assign))
         threads[1].start()
-        _wait_for(lambda: _waiting(db) >= 2)  # the assignment waits on the merge
+        wait_until(
+            lambda: sessions_waiting_on_locks(db) >= 2, what="two sessions waiting on locks"
+        )  # the assignment waits on the merge
         holder.rollback()
         for t in threads:
             t.join(timeout=60)
@@ -176,7 +163,9 @@ def test_an_identification_and_a_merge_of_its_gallery_never_deadlock(
             await identifier.identify_batch([request])  # loads the gallery
             merging.execute("SELECT id FROM deer WHERE id = %s FOR UPDATE", (older,))  # the merge's first lock
             task = asyncio.create_task(identifier.identify_batch([request]))
-            await asyncio.to_thread(_wait_for, lambda: _waiting(db) >= 1)  # the identification waits on it
+            await wait_until_async(
+                lambda: sessions_waiting_on_locks(db) >= 1, what="the identification waiting on the lock"
+            )  # the identification waits on it
             # The merge's second lock: it would wait on the identification if that held the survivor already.
             await asyncio.to_thread(merging.execute, "SELECT id FROM deer WHERE id = %s FOR UPDATE", (survivor,))
             await asyncio.to_thread(

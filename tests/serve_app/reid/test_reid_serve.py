@@ -26,7 +26,7 @@ from ray.serve.schema import ServeDeploySchema
 from tests import factories
 from tests.fixtures.ray_cluster import app_settings, free_port, wait_ready
 from tests.serve_app.reid.pgproxy import PgProxy
-from tests.serve_app.reid.waiting import wait_until
+from tests.waiting import wait_until
 
 APP = "reid"
 CAPTURED = dt.datetime(2024, 5, 1, 6, 30, tzinfo=dt.UTC)  # the gallery images' time, which body() sends

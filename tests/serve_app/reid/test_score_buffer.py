@@ -15,7 +15,7 @@ from serve_app.reid.scores import ScoreRow, score_rows
 from tests import factories
 from tests.fixtures.ray_cluster import free_port
 from tests.serve_app.reid.pgproxy import CommitFault, PgProxy
-from tests.serve_app.reid.waiting import wait_until_async
+from tests.waiting import wait_until_async
 
 
 def logged_rows(

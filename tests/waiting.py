@@ -6,7 +6,9 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
+
+import psycopg
 
 T = TypeVar("T")
 
@@ -36,3 +38,15 @@ async def wait_until_async(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {result!r})")
         await asyncio.sleep(every_s)
+
+
+LOCK_WAITERS_SQL = (
+    "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+
+
+def sessions_waiting_on_locks(db: psycopg.Connection[Any]) -> int:
+    """How many sessions of this database wait on a lock now (a blocked statement's observable state)."""
+    row = db.execute(LOCK_WAITERS_SQL).fetchone()
+    assert row is not None
+    return int(row["n"])
