@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -13,11 +14,18 @@ from psycopg_pool import AsyncConnectionPool
 
 logger = logging.getLogger(__name__)
 
+Row = dict[str, Any]
+"""A row as every connection here returns it (``dict_row``)."""
+SyncConn = psycopg.Connection[Row]
+"""A synchronous connection (CLIs, migrations, batch tasks): the type store functions for batch jobs take."""
+AsyncConn = psycopg.AsyncConnection[Row]
+"""A pooled async connection (the ingress): the type async store functions take."""
+
 CONNECT_TIMEOUT_S = 3
 """How long opening a Postgres connection may take before it fails, seconds (every connection we open)."""
 
 
-def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection[dict[str, object]]:
+def connect(dsn: str, *, autocommit: bool = False) -> SyncConn:
     """A synchronous connection returning dict rows (CLIs, migrations, batch tasks)."""
     return psycopg.connect(dsn, autocommit=autocommit, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
 
