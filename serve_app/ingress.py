@@ -13,17 +13,12 @@ from ray import serve
 from serve_app.api import exports, health, reid_routes
 from serve_app.api import reports as threshold_reports
 from serve_app.api.guards import LimitBody, RequireKey
+from serve_app.api.openapi import API_DESCRIPTION, API_TITLE, OPENAPI_TAGS
 from serve_app.api.problems import COMMON_RESPONSES, install_problem_handlers
 from serve_app.config import Settings
 from serve_app.resources import Resources
 
 logger = logging.getLogger(__name__)
-
-API_TITLE = "trailcam-reid"
-API_DESCRIPTION = (
-    "Re-identification of individual deer in trail-camera detections, similarity logging, "
-    "threshold analysis and validated sighting exports. Errors are RFC 9457 problem+json."
-)
 
 
 def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
@@ -41,7 +36,12 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
             await resources.close()
 
     app = FastAPI(
-        title=API_TITLE, description=API_DESCRIPTION, version="0.1.0", lifespan=lifespan, responses=COMMON_RESPONSES
+        title=API_TITLE,
+        description=API_DESCRIPTION,
+        openapi_tags=OPENAPI_TAGS,
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=COMMON_RESPONSES,
     )
     app.state.settings = settings
     app.state.readiness_checks = dict(health.READINESS_CHECKS)
