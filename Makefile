@@ -29,10 +29,10 @@ down: ## Stop what `make run` started (and nothing else)
 services: $(STAMP) ## Make sure Postgres and Redis answer (start them, or embedded ones)
 	@$(PY) cluster/local/services.py ensure
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on serve_app/ and batch/
+lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on serve_app/, batch/ and benchmarks/
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy serve_app batch
+	$(VENV)/bin/mypy serve_app batch benchmarks
 
 test: $(STAMP) ## Services up, lint, then the whole pytest suite (slow cases included)
 	@$(PY) cluster/local/services.py ensure --system

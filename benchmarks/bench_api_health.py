@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.common import (
-    HttpCase,
-    bench_settings,
-    prepare_database,
-    serve_vs_uvicorn,
-    write_results,
-)
-
-ROUNDS = 3
-ROUND_S = 3.0  # per server per round; figures are medians over the rounds
+from benchmarks.common import HttpCase, bench_settings, prepare_database, serve_vs_uvicorn, write_results
 
 
 def main() -> None:
@@ -19,7 +10,7 @@ def main() -> None:
     settings = bench_settings()
     prepare_database(settings)
     cases = [HttpCase(f"GET {path}", path) for path in ("/healthz", "/readyz")]
-    rows = serve_vs_uvicorn(settings, cases, rounds=ROUNDS, round_s=ROUND_S)
+    rows = serve_vs_uvicorn(settings, cases)
     write_results("api_health", rows)
 
 

@@ -8,22 +8,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from benchmarks.common import (
-    HttpCase,
-    bench_settings,
-    prepare_database,
-    serve_vs_uvicorn,
-    write_results,
-)
+from benchmarks.common import HttpCase, bench_settings, prepare_database, serve_vs_uvicorn, write_results
 from serve_app.config import Settings
 from serve_app.exports.files import file_uri
 from serve_app.exports.jobs import JobStore, RunnerLease
 from serve_app.keys import find_key
 from serve_app.store.db import connect
 
-ROUNDS = 3
-ROUND_S = 3.0  # per server per round; figures are medians over the rounds
-CONNECTIONS = (1, 16)
 # Fails VR-001 (equal dates) and VR-003 at once: rejected before anything is queued.
 INVALID_BODY = json.dumps({"start_date": "2024-03-01", "end_date": "2024-03-01", "group_by": "year", "format": "csv"})
 TARGETS = {
@@ -78,9 +69,6 @@ def main() -> None:
     rows = serve_vs_uvicorn(
         settings,
         cases,
-        connections=CONNECTIONS,
-        rounds=ROUNDS,
-        round_s=ROUND_S,
         targets=TARGETS,
         ratio_targets={("GET status", 16): ">= 0.5"},
     )

@@ -25,7 +25,7 @@ import numpy as np
 import psycopg
 from PIL import Image
 
-from benchmarks.common import bench_settings, prepare_database, serve_app, write_results
+from benchmarks.common import bench_settings, fetch_value, prepare_database, serve_app, write_results
 from serve_app.reid.embedder import Embedder, ModelSpec
 from serve_app.reid.score_buffer import BufferLimits, ScoreBuffer
 from serve_app.reid.scores import ScoreRow, score_rows
@@ -60,21 +60,18 @@ def seed_site(dsn: str, uris: list[str], *, profiles: int) -> tuple[int, int]:
     """A fresh site with a camera and ``profiles`` deer, each with one gallery detection; returns (site, camera)."""
     with connect(dsn, autocommit=True) as conn:
         name = f"bench-reid-{time.time_ns()}"
-        site = conn.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (name,)).fetchone()["id"]  # type: ignore[index]
-        cam = conn.execute("INSERT INTO cameras (site_id, name) VALUES (%s, 'cam') RETURNING id", (site,)).fetchone()[
-            "id"
-        ]  # type: ignore[index]
+        site = fetch_value(conn, "INSERT INTO sites (name) VALUES (%s) RETURNING id", (name,))
+        cam = fetch_value(conn, "INSERT INTO cameras (site_id, name) VALUES (%s, 'cam') RETURNING id", (site,))
         for i in range(profiles):
-            img = conn.execute(
+            img = fetch_value(
+                conn,
                 # The time the load's bodies send: a recorded image must be named with its own camera and time.
                 "INSERT INTO images (camera_id, uri, captured_at, width, height)"
                 " VALUES (%s, %s, '2024-05-01T06:30:00Z', 1280, 720)"
                 " ON CONFLICT (uri) DO UPDATE SET uri = EXCLUDED.uri RETURNING id",
                 (cam, uris[i % len(uris)]),
-            ).fetchone()["id"]  # type: ignore[index]
-            deer = conn.execute(
-                "INSERT INTO deer (site_id, name) VALUES (%s, %s) RETURNING id", (site, f"d{i}")
-            ).fetchone()["id"]  # type: ignore[index]
+            )
+            deer = fetch_value(conn, "INSERT INTO deer (site_id, name) VALUES (%s, %s) RETURNING id", (site, f"d{i}"))
             conn.execute(
                 "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h, deer_id, decision)"
                 " VALUES (%s, 0.3, 0.3, 0.3, 0.4, %s, 'manual')",
@@ -205,9 +202,12 @@ def _score_case(
     site, _cam = seed_site(dsn, uris, profiles=PROFILES)
     with connect(dsn, autocommit=True) as conn:
         deer = [r["id"] for r in conn.execute("SELECT id FROM deer WHERE site_id = %s ORDER BY id", (site,))]
-        img = conn.execute(
-            "SELECT d.image_id FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.site_id = %s LIMIT 1", (site,)
-        ).fetchone()["image_id"]  # type: ignore[index]
+        img = fetch_value(
+            conn,
+            "SELECT d.image_id FROM detections d JOIN deer e ON e.id = d.deer_id WHERE e.site_id = %s LIMIT 1",
+            (site,),
+            column="image_id",
+        )
         rows_before = prefill_scores(conn, site=site, image=int(str(img)), rows=table_rows)  # the only scores
         ids = [
             r["id"]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import yaml
 
 from serve_app.config import Settings
 from serve_app.keys import create_key
-from serve_app.store.db import connect, with_database
+from serve_app.store.db import SyncConn, connect, with_database
 from serve_app.store.migrate import apply_migrations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,13 @@ BENCH_DB = "trailcam_bench"
 BENCH_REDIS_DB = 14
 
 Row = dict[str, Any]
+
+
+def fetch_value(conn: SyncConn, query: str, params: Sequence[object] = (), *, column: str = "id") -> Any:
+    """``column`` of the one row a query returns (an ``INSERT ... RETURNING id``, a ``count(*) AS n``)."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return row[column]
 
 
 # API benchmarks compare the same FastAPI app on Serve and on bare uvicorn, which has no ReID replica:
@@ -59,7 +66,11 @@ def write_results(name: str, rows: list[Row], *, meta: Mapping[str, Any] | None 
     """Print the rows and write benchmarks/results/<name>.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    payload: dict[str, Any] = {
+        "benchmark": name,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
     if meta:
         payload["meta"] = dict(meta)
     path.write_text(json.dumps(payload, indent=2))
@@ -197,7 +208,7 @@ def local_serve() -> Iterator[int]:
         yield port
     finally:
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
         shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -345,7 +356,10 @@ def serve_vs_uvicorn(
     targets: Mapping[tuple[str, str, int], Mapping[str, str]] | None = None,
     ratio_targets: Mapping[tuple[str, int], str] | None = None,
 ) -> list[Row]:
-    """Both servers up at once, each case measured in alternating rounds; rows per server and ratios."""
+    """Both servers up at once, each case measured in alternating rounds; rows per server and ratios.
+
+    ``round_s`` is per server per round; the figures are medians over the ``rounds``.
+    """
     targets, ratio_targets = targets or {}, ratio_targets or {}
     rows: list[Row] = []
     with uvicorn_app(settings) as uvicorn_url, serve_app(api_app_args(settings)) as serve_url:

@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks.common import RESULTS, ROOT, bench_settings, serve_app, write_results
+from benchmarks.common import RESULTS, ROOT, bench_settings, fetch_value, serve_app, write_results
 from serve_app.keys import create_key
 from serve_app.store.db import connect, with_database
 from serve_app.store.migrate import apply_migrations
@@ -80,22 +80,24 @@ def prepare(
             " RESTART IDENTITY CASCADE"
         )
         for s in range(sites):
-            sid = conn.execute("INSERT INTO sites (name) VALUES (%s) RETURNING id", (f"soak-{s}",)).fetchone()["id"]
-            cam = conn.execute(
+            sid = fetch_value(conn, "INSERT INTO sites (name) VALUES (%s) RETURNING id", (f"soak-{s}",))
+            cam = fetch_value(
+                conn,
                 "INSERT INTO cameras (site_id, name, latitude, longitude) VALUES (%s, 'cam', 45.1, -93.2) RETURNING id",
                 (sid,),
-            ).fetchone()["id"]
+            )
             ids = []
             for d in range(deer):
                 uri = write_jpeg(images, f"soak/gallery/{sid}-{d}.jpg", seed=10_000 * sid + d)
-                img = conn.execute(
+                img = fetch_value(
+                    conn,
                     "INSERT INTO images (camera_id, uri, captured_at, width, height) VALUES (%s, %s, now(), 320, 240)"
                     " RETURNING id",
                     (cam, uri),
-                ).fetchone()["id"]
-                did = conn.execute(
-                    "INSERT INTO deer (site_id, name) VALUES (%s, %s) RETURNING id", (sid, f"soak-{sid}-{d}")
-                ).fetchone()["id"]
+                )
+                did = fetch_value(
+                    conn, "INSERT INTO deer (site_id, name) VALUES (%s, %s) RETURNING id", (sid, f"soak-{sid}-{d}")
+                )
                 conn.execute(
                     "INSERT INTO detections (image_id, bbox_x, bbox_y, bbox_w, bbox_h, deer_id, decision)"
                     " VALUES (%s, 0.2, 0.2, 0.5, 0.6, %s, 'manual')",
@@ -241,18 +243,23 @@ def score_rows(dsn: str, answered: list[tuple[int, int]], *, wait_s: float = 60)
     with connect(dsn, autocommit=True) as conn:
         while time.monotonic() < deadline:
             written = int(
-                conn.execute(
-                    "SELECT count(*) AS n FROM reid_similarity_scores WHERE detection_id = ANY(%s)", (ids,)
-                ).fetchone()["n"]
+                fetch_value(
+                    conn,
+                    "SELECT count(*) AS n FROM reid_similarity_scores WHERE detection_id = ANY(%s)",
+                    (ids,),
+                    column="n",
+                )
             )
             if written >= expected:
                 break
             time.sleep(1.0)
         dupes = int(
-            conn.execute(
+            fetch_value(
+                conn,
                 "SELECT count(*) AS n FROM (SELECT 1 FROM reid_similarity_scores GROUP BY detection_id, deer_id,"
-                " model_version, source HAVING count(*) > 1) d"
-            ).fetchone()["n"]
+                " model_version, source HAVING count(*) > 1) d",
+                column="n",
+            )
         )
     return written, expected, dupes
 
@@ -357,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         written, expected, dupes = score_rows(str(settings["database_url"]), stats.answered)
 
     samples = {f"{labels[pid]} [{pid}]": points for pid, points in pid_samples.items()}
-    routes = {}
+    routes: dict[str, dict[str, Any]] = {}
     requests = errors = 0
     for route, lat in stats.latencies_ms.items():
         codes = dict(sorted(stats.statuses[route].items()))
