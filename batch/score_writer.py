@@ -19,8 +19,8 @@ from batch.assignments import apply_assignments
 from batch.results import Scored
 from batch.runs import PROGRESS_SQL
 from serve_app.reid.decision import Thresholds
-from serve_app.reid.gallery import STORE_EMBEDDINGS_SQL
 from serve_app.reid.scores import COLUMNS, encode_binary
+from serve_app.store.galleries import STORE_EMBEDDINGS_SQL
 
 _COLS = ", ".join(COLUMNS)
 STAGE_SQL = (

@@ -20,12 +20,12 @@ from PIL import Image
 
 from batch.backfill import ensure_ray, run_backfill
 from batch.demo_data import DemoParams, load_demo
+from batch.galleries import load_site_gallery
 from batch.runs import BackfillOptions
 from benchmarks.common import bench_settings, prepare_database, write_results
 from serve_app.config import Settings
 from serve_app.reid.decision import Thresholds
 from serve_app.reid.embedder import Embedder
-from serve_app.reid.gallery import load_gallery
 from serve_app.reid.preprocessing import BBox, crop
 from serve_app.reid.scores import COLUMNS, score_rows
 
@@ -56,9 +56,6 @@ def sequential(options: BackfillOptions, *, dsn: str, image_root: Path, duration
     thresholds = Thresholds(options.accept_threshold)
     done, last_id = 0, 0
 
-    def embed_missing(rows: Any) -> np.ndarray:
-        return embedder.embed_crops([crop(Image.open(image_root / r.uri).convert("RGB"), r.bbox) for r in rows])
-
     with psycopg.connect(dsn, row_factory=psycopg.rows.dict_row) as conn:
         start = time.perf_counter()
         while time.perf_counter() - start < duration_s:
@@ -69,8 +66,7 @@ def sequential(options: BackfillOptions, *, dsn: str, image_root: Path, duration
             image = Image.open(image_root / det["uri"]).convert("RGB")
             bbox = BBox(det["bbox_x"], det["bbox_y"], det["bbox_w"], det["bbox_h"])
             vector = embedder.embed_crops([crop(image, bbox)])
-            gallery = load_gallery(conn, det["site_id"], model_version=embedder.model_version,
-                                   embed_missing=embed_missing)  # fmt: skip
+            gallery, _ = load_site_gallery(conn, det["site_id"], embedder=embedder, image_root=image_root, store=True)
             sims = gallery.score(vector)[0]
             top = int(np.argmax(sims)) if len(sims) else None
             assigned = gallery.deer_ids[top] if top is not None and sims[top] >= thresholds.accept else None

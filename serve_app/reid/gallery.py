@@ -1,51 +1,31 @@
 """Per-site galleries: every profile's gallery embeddings as one matrix; a profile scores its max cosine.
 
-Plain Python. The SQL lives here once; :func:`load_gallery` is the synchronous loader for batch jobs,
-the Serve deployment runs the same statements on an async connection.
+Plain Python. :func:`gallery_contents` alone decides what a gallery holds and what must be embedded, from
+the rows :mod:`serve_app.store.galleries` reads; :func:`fill_gallery` embeds what is missing. The online
+path (``Identifier``) and the backfill (``batch.galleries``) are thin wrappers that read, fill, store, build.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import psycopg
 import torch
+from PIL import Image
 
 from serve_app.reid.embedder import embedding_from_bytes, embedding_to_bytes
-from serve_app.reid.preprocessing import BBox
+from serve_app.reid.preprocessing import BBox, crop
+from serve_app.store.db import Row
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAP_PER_DEER = 20
 """Gallery detections kept per deer profile (newest first)."""
 
-# The model that made a stored embedding: the gallery refresh records it in embedding_model_version; NULL
-# means the decision's model, which the online path stores together with the embedding.
-GALLERY_SQL = """
-SELECT deer.id AS deer_id, deer.name, d.id AS detection_id, d.embedding,
-       coalesce(d.embedding_model_version, d.model_version) AS embedding_model_version,
-       i.uri, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h
-FROM deer
-JOIN LATERAL (
-    SELECT * FROM detections d WHERE d.deer_id = deer.id ORDER BY d.created_at DESC, d.id DESC LIMIT %(cap)s
-) d ON true
-JOIN images i ON i.id = d.image_id
-WHERE deer.site_id = %(site_id)s AND deer.merged_into IS NULL
-ORDER BY deer.id, d.created_at DESC, d.id DESC
-"""
-
-VERSIONS_SQL = "SELECT site_id, version FROM gallery_versions WHERE site_id = ANY(%s)"
-
-# model_version stays the model that made the detection's decision (Camtrap DP classifiedBy, the scores the
-# review queue shows); only the embedding's model changes.
-STORE_EMBEDDINGS_SQL = """
-UPDATE detections AS d SET embedding = u.embedding, embedding_model_version = %s
-FROM unnest(%s::bigint[], %s::bytea[]) AS u(id, embedding) WHERE d.id = u.id
-"""
+EMBED_CHUNK = 32
+"""Gallery crops per forward pass when embedding missing gallery detections."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +40,7 @@ class GalleryRow:
     embedding: np.ndarray | None
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], *, model_version: str) -> GalleryRow:
+    def from_record(cls, record: Row, *, model_version: str) -> GalleryRow:
         """A row from a dict record; the embedding is kept only when it was made by ``model_version``."""
         raw = record["embedding"]
         usable = raw is not None and record["embedding_model_version"] == model_version
@@ -85,7 +65,6 @@ class Gallery:
     names: list[str]
     embeddings: torch.Tensor  # [M, D], rows grouped by profile
     owner: torch.Tensor  # [M] int64, index into deer_ids
-    names_by_id: dict[int, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -133,52 +112,87 @@ def build_gallery(
         names=names,
         embeddings=torch.from_numpy(matrix).to(device),
         owner=torch.tensor(owner, dtype=torch.int64, device=device),
-        names_by_id=dict(zip(deer_ids, names, strict=True)),
     )
 
 
-def fill_embeddings(rows: Sequence[GalleryRow], vectors: np.ndarray) -> list[GalleryRow]:
-    """Rows with the given vectors set on those that lacked one (in order)."""
-    it = iter(vectors)
-    out = []
-    for row in rows:
-        if row.embedding is None:
-            row = GalleryRow(row.deer_id, row.name, row.detection_id, row.uri, row.bbox, next(it))
-        out.append(row)
-    return out
+@dataclass(frozen=True)
+class GalleryContents:
+    """What a site's gallery holds for one model version, and what it still lacks."""
+
+    held: tuple[GalleryRow, ...]
+    """Rows with an embedding of the model version (cached or fresh), in gallery order: the gallery."""
+    to_embed: tuple[GalleryRow, ...]
+    """Rows without one: to be embedded from their crops (left out of the gallery until they are)."""
+    fresh: tuple[GalleryRow, ...]
+    """Held rows whose embedding was made now, not read: to be stored as the model version's."""
+
+    def fresh_embeddings(self) -> dict[int, bytes]:
+        """The fresh embeddings in stored form, by detection id."""
+        return {r.detection_id: embedding_to_bytes(r.embedding) for r in self.fresh if r.embedding is not None}
 
 
-def store_params(rows: Sequence[GalleryRow], *, model_version: str) -> tuple[str, list[int], list[bytes]]:
-    """Parameters for :data:`STORE_EMBEDDINGS_SQL`."""
-    ids = [r.detection_id for r in rows if r.embedding is not None]
-    blobs = [embedding_to_bytes(r.embedding) for r in rows if r.embedding is not None]
-    return model_version, ids, blobs
+def gallery_contents(
+    records: Sequence[Row], *, model_version: str, embedded: Mapping[int, np.ndarray] | None = None
+) -> GalleryContents:
+    """Decide a gallery from its rows (already site-scoped, merged profiles followed and capped by the store).
+
+    A stored embedding counts only when ``model_version`` made it; a row without one takes its vector from
+    ``embedded`` (detection id -> vector made now) or, lacking that too, is to be embedded and left out.
+    """
+    held: list[GalleryRow] = []
+    to_embed: list[GalleryRow] = []
+    fresh: list[GalleryRow] = []
+    for record in records:
+        row = GalleryRow.from_record(record, model_version=model_version)
+        if row.embedding is None and embedded is not None and row.detection_id in embedded:
+            row = GalleryRow(row.deer_id, row.name, row.detection_id, row.uri, row.bbox, embedded[row.detection_id])
+            fresh.append(row)
+        (to_embed if row.embedding is None else held).append(row)
+    return GalleryContents(tuple(held), tuple(to_embed), tuple(fresh))
 
 
-EmbedMissing = Callable[[Sequence[GalleryRow]], np.ndarray]
-"""Embeds gallery rows lacking an embedding (loads their image, crops, runs the model)."""
+LoadImage = Callable[[GalleryRow], Image.Image]
+"""Reads a gallery row's decoded frame; raises one of the caller's ``unreadable`` errors when it cannot."""
+EmbedCrops = Callable[[list[Image.Image]], np.ndarray]
+"""Embeds crops into unit vectors [N, D]."""
 
 
-def load_gallery(
-    conn: psycopg.Connection[Any],
-    site_id: int,
+def embed_rows(
+    rows: Sequence[GalleryRow],
+    *,
+    load: LoadImage,
+    embed: EmbedCrops,
+    unreadable: tuple[type[Exception], ...],
+    chunk: int = EMBED_CHUNK,
+) -> dict[int, np.ndarray]:
+    """Vectors by detection id from the rows' capped crops; a row whose image cannot be read is left out."""
+    vectors: dict[int, np.ndarray] = {}
+    for start in range(0, len(rows), chunk):
+        ids: list[int] = []
+        crops: list[Image.Image] = []
+        for row in rows[start : start + chunk]:
+            try:
+                crops.append(crop(load(row), row.bbox))  # capped at CROP_MAX_SIDE_PX like every path's crops
+            except unreadable as exc:
+                logger.warning("gallery detection %d left out: %s", row.detection_id, exc)
+                continue
+            ids.append(row.detection_id)
+        if crops:
+            vectors.update(zip(ids, embed(crops), strict=True))
+    return vectors
+
+
+def fill_gallery(
+    records: Sequence[Row],
     *,
     model_version: str,
-    embed_missing: EmbedMissing,
-    cap_per_deer: int = DEFAULT_CAP_PER_DEER,
-    device: str = "cpu",
-) -> Gallery:
-    """Read a site's gallery (sync), embedding and storing the detections that lack a current embedding."""
-    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    version_row = cur.execute(VERSIONS_SQL, ([site_id],)).fetchone()
-    records = cur.execute(GALLERY_SQL, {"site_id": site_id, "cap": cap_per_deer}).fetchall()
-    rows = [GalleryRow.from_record(r, model_version=model_version) for r in records]
-    missing = [r for r in rows if r.embedding is None]
-    if missing:
-        filled = fill_embeddings(missing, embed_missing(missing))
-        cur.execute(STORE_EMBEDDINGS_SQL, store_params(filled, model_version=model_version))
-        conn.commit()
-        rows = fill_embeddings(rows, np.stack([r.embedding for r in filled if r.embedding is not None]))
-        logger.info("embedded %d gallery detections of site %d", len(missing), site_id)
-    version = int(version_row["version"]) if version_row else 0
-    return build_gallery(site_id, rows=rows, model_version=model_version, version=version, device=device)
+    load: LoadImage,
+    embed: EmbedCrops,
+    unreadable: tuple[type[Exception], ...],
+) -> GalleryContents:
+    """:func:`gallery_contents` with the missing embeddings made (blocking: model work; run it off the event loop)."""
+    contents = gallery_contents(records, model_version=model_version)
+    if not contents.to_embed:
+        return contents
+    embedded = embed_rows(contents.to_embed, load=load, embed=embed, unreadable=unreadable)
+    return gallery_contents(records, model_version=model_version, embedded=embedded)

@@ -17,28 +17,20 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from PIL import Image
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from serve_app.errors import ImageConflict
 from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri
 from serve_app.reid import identification as q
 from serve_app.reid.decision import Thresholds, decide
 from serve_app.reid.embedder import Embedder, embedding_to_bytes
-from serve_app.reid.gallery import (
-    GALLERY_SQL,
-    STORE_EMBEDDINGS_SQL,
-    VERSIONS_SQL,
-    Gallery,
-    GalleryRow,
-    build_gallery,
-    fill_embeddings,
-    store_params,
-)
+from serve_app.reid.gallery import Gallery, GalleryRow, build_gallery, fill_gallery
 from serve_app.reid.identification import Candidate, Identification, IdentifyRequest, Scores
-from serve_app.reid.preprocessing import crop
 from serve_app.reid.score_buffer import ScoreBuffer
 from serve_app.reid.scores import ScoreRow, copy_scores_async, score_rows
+from serve_app.store.db import Pool
+from serve_app.store.galleries import gallery_rows_async, site_versions_async, store_embeddings_async
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +58,7 @@ class Identifier:
         self,
         embedder: Embedder,
         *,
-        pool: AsyncConnectionPool,
+        pool: Pool,
         scores: ScoreBuffer,
         options: IdentifierOptions,
         thresholds: Thresholds | None = None,
@@ -95,42 +87,28 @@ class Identifier:
             raise RuntimeError("model produced non-finite output")
         return self.embedder.model_version
 
-    def _embed_gallery_rows(self, rows: Sequence[GalleryRow]) -> list[GalleryRow]:
-        """Load, crop and embed gallery detections; rows whose image cannot be read are left out."""
-        loaded: list[GalleryRow] = []
-        crops = []
-        for row in rows:
-            try:
-                path, _ = resolve_image_uri(row.uri, root=self.options.image_root)
-                image = decode_image(
-                    read_limited(path, max_bytes=self.options.max_image_bytes),
-                    max_pixels=self.options.max_image_pixels,
-                )
-            except (ImageRejected, OSError) as exc:
-                logger.warning("gallery detection %d left out: %s", row.detection_id, exc)
-                continue
-            loaded.append(row)
-            crops.append(crop(image, row.bbox))
-        return fill_embeddings(loaded, self._embed(crops)) if loaded else []
+    def _read_image(self, row: GalleryRow) -> Image.Image:
+        """A gallery detection's frame, under the same confinement and size limits as a request's image."""
+        path, _ = resolve_image_uri(row.uri, root=self.options.image_root)
+        data = read_limited(path, max_bytes=self.options.max_image_bytes)
+        return decode_image(data, max_pixels=self.options.max_image_pixels)
 
     async def _load_gallery(self, site_id: int, version: int) -> Gallery:
-        version_string = self.embedder.model_version
+        model_version = self.embedder.model_version
         async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(GALLERY_SQL, {"site_id": site_id, "cap": self.options.cap_per_deer})
-            records = await cur.fetchall()
-        rows = [GalleryRow.from_record(dict(r), model_version=version_string) for r in records]
-        missing = [r for r in rows if r.embedding is None]
-        if missing:
-            filled = await asyncio.to_thread(self._embed_gallery_rows, missing)
-            if filled:
-                async with self.pool.connection() as conn:
-                    await conn.execute(STORE_EMBEDDINGS_SQL, store_params(filled, model_version=version_string))
-            done = {r.detection_id: r for r in filled}
-            rows = [done.get(r.detection_id, r) for r in rows if r.embedding is not None or r.detection_id in done]
-            logger.info("embedded %d of %d gallery detections of site %d", len(filled), len(missing), site_id)
+            records = await gallery_rows_async(conn, site_id, cap_per_deer=self.options.cap_per_deer)
+        contents = await asyncio.to_thread(
+            fill_gallery, records, model_version=model_version, load=self._read_image, embed=self._embed,
+            unreadable=(ImageRejected, OSError),
+        )  # fmt: skip
+        if contents.fresh:
+            async with self.pool.connection() as conn:
+                await store_embeddings_async(conn, contents.fresh_embeddings(), model_version=model_version)
+        if contents.fresh or contents.to_embed:
+            missing = len(contents.fresh) + len(contents.to_embed)
+            logger.info("embedded %d of %d gallery detections of site %d", len(contents.fresh), missing, site_id)
         device = str(self.embedder.device)
-        return build_gallery(site_id, rows=rows, model_version=version_string, version=version, device=device)
+        return build_gallery(site_id, rows=contents.held, model_version=model_version, version=version, device=device)
 
     async def galleries_for(self, site_ids: set[int]) -> dict[int, Gallery]:
         """Galleries of these sites, reloaded when their version counter moved (checked every refresh_s)."""
@@ -138,9 +116,7 @@ class Identifier:
         due = [s for s in site_ids if now - self._checked_at.get(s, -1e9) >= self.options.gallery_refresh_s]
         if due:
             async with self.pool.connection() as conn:
-                vcur = conn.cursor(row_factory=dict_row)
-                await vcur.execute(VERSIONS_SQL, (due,))
-                versions = {int(r["site_id"]): int(r["version"]) for r in await vcur.fetchall()}
+                versions = await site_versions_async(conn, due)
             for site_id in due:
                 version = versions.get(site_id, 0)
                 cached = self.galleries.get(site_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,10 @@ import psycopg
 import pytest
 from PIL import Image
 
+from batch.galleries import load_site_gallery
 from serve_app.reid.decision import Thresholds, decide
 from serve_app.reid.embedder import Embedder, ModelSpec, embedding_from_bytes, embedding_to_bytes
-from serve_app.reid.gallery import GalleryRow, build_gallery, load_gallery
+from serve_app.reid.gallery import GalleryRow, build_gallery
 from serve_app.reid.preprocessing import BBox, crop
 from serve_app.reid.score_buffer import BufferLimits, ScoreBuffer
 from serve_app.reid.scores import copy_scores, score_rows
@@ -250,22 +252,22 @@ def test_score_buffer_writers_go_on_past_a_stuck_copy_and_close_writes_its_rows(
     assert counts == {"n": 200, "pairs": 200}
 
 
-def test_load_gallery_embeds_and_stores_missing_embeddings(db: psycopg.Connection[Any], embedder: Embedder) -> None:
+def test_load_gallery_embeds_and_stores_missing_embeddings(
+    db: psycopg.Connection[Any], embedder: Embedder, tmp_path: Path
+) -> None:
     site = factories.site(db)
     cam = factories.camera(db, site_id=site)
     buck = factories.deer(db, site_id=site, name="buck")
-    dets = [factories.detection(db, image_id=factories.image(db, camera_id=cam), deer_id=buck) for _ in range(3)]
-    calls: list[int] = []
+    dets = []
+    for i in range(3):
+        noise_image(i).save(tmp_path / f"{i}.jpg")
+        dets.append(factories.detection(db, image_id=factories.image(db, camera_id=cam, uri=f"{i}.jpg"), deer_id=buck))
 
-    def embed_missing(rows: Any) -> np.ndarray:
-        calls.append(len(rows))
-        return embedder.embed_crops([crop(noise_image(r.detection_id), r.bbox) for r in rows])
-
-    g = load_gallery(db, site, model_version=embedder.model_version, embed_missing=embed_missing)
-    assert g.deer_ids == [buck] and g.embeddings.shape == (3, 512) and calls == [3]
+    g, embedded = load_site_gallery(db, site, embedder=embedder, image_root=tmp_path, store=True)
+    assert g.deer_ids == [buck] and g.embeddings.shape == (3, 512) and embedded == 3
     assert g.version >= 1  # the assignments bumped the site's gallery version
-    again = load_gallery(db, site, model_version=embedder.model_version, embed_missing=embed_missing)
-    assert calls == [3] and again.embeddings.shape == (3, 512)
+    again, embedded = load_site_gallery(db, site, embedder=embedder, image_root=tmp_path, store=True)
+    assert embedded == 0 and again.embeddings.shape == (3, 512)
     stored = db.execute(
         "SELECT count(*) AS n FROM detections WHERE id = ANY(%s) AND embedding_model_version = %s",
         (dets, embedder.model_version),

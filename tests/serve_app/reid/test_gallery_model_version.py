@@ -1,8 +1,8 @@
 """A gallery refresh under a new model records which model made each embedding, never who made a decision.
 
-Each of the three gallery loaders (the sync one in serve_app/reid/gallery.py, the online Identifier's and
-the backfill's) embeds an automatic decision made by an earlier model: the decision keeps its model version
-(and so the Camtrap DP export's classifiedBy), the embedding is recorded as the new model's.
+Both gallery loaders (the online Identifier's and the backfill's) embed an automatic decision made by an
+earlier model: the decision keeps its model version (and so the Camtrap DP export's classifiedBy), the
+embedding is recorded as the new model's.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from batch.score_writer import write_block
 from serve_app.exports.camtrap import write_package
 from serve_app.reid.decision import Thresholds
 from serve_app.reid.embedder import Embedder, ModelSpec, embedding_to_bytes
-from serve_app.reid.gallery import Gallery, load_gallery
+from serve_app.reid.gallery import Gallery
 from serve_app.reid.identifier import Identifier, IdentifierOptions
-from serve_app.reid.preprocessing import crop
 from serve_app.reid.score_buffer import ScoreBuffer
 from serve_app.store.db import connect, make_pool
 from tests import factories
@@ -41,15 +40,6 @@ MODEL_A = "resnet18-earlier-model"
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
     return Embedder(MODEL_B)
-
-
-def _sync_loader(database_url: str, site: int, embedder: Embedder, root: Path) -> Gallery:
-    def embed_missing(rows: Any) -> np.ndarray:
-        with Image.open(root / rows[0].uri) as image:
-            return embedder.embed_crops([crop(image.convert("RGB"), r.bbox) for r in rows])
-
-    with connect(database_url) as conn:
-        return load_gallery(conn, site, model_version=embedder.model_version, embed_missing=embed_missing)
 
 
 def _online_loader(database_url: str, site: int, embedder: Embedder, root: Path) -> Gallery:
@@ -68,12 +58,11 @@ def _online_loader(database_url: str, site: int, embedder: Embedder, root: Path)
 
 
 def _backfill_loader(database_url: str, site: int, embedder: Embedder, root: Path) -> Gallery:
-    with psycopg.connect(database_url) as conn:
+    with connect(database_url) as conn:
         return load_site_gallery(conn, site, embedder=embedder, image_root=root, store=True)[0]
 
 
 LOADERS: dict[str, Callable[[str, int, Embedder, Path], Gallery]] = {
-    "sync": _sync_loader,
     "online": _online_loader,
     "backfill": _backfill_loader,
 }
