@@ -28,7 +28,6 @@ class Settings(BaseSettings):
         default=RedisDsn("redis://127.0.0.1:6379/0"),
         description="Redis URL holding export job status and leases.",
     )
-    data_dir: Path = Field(default=Path(".data"), description="Local state: images, exports, embedded services.")
     image_root: Path = Field(default=Path(".data/images"), description="Only image URIs under this folder are read.")
     export_dir: str = Field(
         default=".data/exports",

@@ -14,7 +14,6 @@ API="http://127.0.0.1:8000"
 mkdir -p "$DATA"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Absolute paths: replicas and `ray job submit` jobs run in other working directories.
-export TRAILCAM_DATA_DIR="${TRAILCAM_DATA_DIR:-$DATA}"
 export TRAILCAM_IMAGE_ROOT="${TRAILCAM_IMAGE_ROOT:-$DATA/images}"
 export TRAILCAM_EXPORT_DIR="${TRAILCAM_EXPORT_DIR:-$DATA/exports}"
 # The head's processes inherit this PATH: `python` in `ray job submit -- python -m ...` is the venv's.
