@@ -1,4 +1,4 @@
-"""Settings: environment prefix, defaults documented in the README, secrets refused in production."""
+"""Settings: environment prefix, defaults documented in docs/operations.md, secrets refused in production."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from serve_app.config import Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 def test_environment_variables_with_prefix_override_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,12 +33,29 @@ def test_placeholder_secret_is_refused_in_production() -> None:
     assert Settings(environment="production", key_pepper="a-real-secret").key_pepper == "a-real-secret"
 
 
-def test_every_setting_is_documented_in_the_readme_with_its_default() -> None:
-    text = README.read_text()
+def _configuration_table() -> dict[str, str]:
+    """The configuration table of docs/operations.md: variable -> the default column, backticks removed."""
+    rows: dict[str, str] = {}
+    for line in OPERATIONS.read_text().splitlines():
+        match = re.match(r"\| `(TRAILCAM_[A-Z0-9_]+)` \| ([^|]*) \|", line)
+        if match:
+            rows[match[1]] = match[2].strip().strip("`")
+    return rows
+
+
+def test_every_setting_is_documented_in_the_configuration_table_with_its_default() -> None:
+    table = _configuration_table()
     for name, field in Settings.model_fields.items():
         env = f"TRAILCAM_{name.upper()}"
-        row = next((line for line in text.splitlines() if line.startswith(f"| `{env}`")), None)
-        assert row is not None, f"{env} is missing from the README configuration table"
+        assert env in table, f"{env} is missing from the configuration table in docs/operations.md"
         default = field.default
         shown = str(default.value if hasattr(default, "value") else default)
-        assert re.search(re.escape(shown), row), f"{env}: README row does not show the default {shown!r}"
+        assert table[env] == shown, (
+            f"{env}: docs/operations.md shows the default {table[env]!r}, Settings has {shown!r}"
+        )
+
+
+def test_the_configuration_table_documents_only_settings() -> None:
+    read = {f"TRAILCAM_{name.upper()}" for name in Settings.model_fields}
+    unread = sorted(set(_configuration_table()) - read)
+    assert not unread, f"documented in docs/operations.md but read by no Settings field: {unread}"
