@@ -108,3 +108,34 @@ class CorruptImage(ImageRejected):
 
 class JobGone(TrailcamError):
     """An export job was deleted, expired or ended by someone else while its runner worked."""
+
+
+class ProfileRefused(TrailcamError):
+    """A change a deer profile cannot take in its present state; each subclass says why."""
+
+    default_detail = "the deer profile cannot take this change"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail or self.default_detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class DeerMerged(ProfileRefused):
+    """The profile was merged into another: it is read-only and takes no detection."""
+
+    default_detail = "the deer profile was merged into another"
+
+
+class DeerNotInSite(ProfileRefused):
+    """The chosen profile does not exist at the detection's site (or the key cannot see it)."""
+
+    default_detail = "the deer profile does not exist at this detection's site"
+
+
+class MergeAcrossSites(ProfileRefused):
+    """Two profiles of different sites cannot be merged."""
+
+    default_detail = "profiles of different sites cannot be merged"

@@ -10,12 +10,9 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from serve_app.errors import InvalidKey, ServiceUnavailable
 from serve_app.keys import (
-    LOOKUP_SQL,
     Principal,
     hash_key,
     key_prefix,
@@ -23,6 +20,8 @@ from serve_app.keys import (
     matching_row,
     principal_from_row,
 )
+from serve_app.store.db import Pool
+from serve_app.store.keys import KeyRow, keys_by_prefix_async
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class KeyVerifier:
     connection, never the pool. Verified keys are cached ``cache_s`` seconds (bounds revocation delay).
     """
 
-    def __init__(self, pool: AsyncConnectionPool, *, pepper: str, cache_s: float) -> None:
+    def __init__(self, pool: Pool, *, pepper: str, cache_s: float) -> None:
         self.pool = pool
         self.pepper = pepper
         self.cache_s = cache_s
@@ -114,15 +113,11 @@ class KeyVerifier:
                 _settle(future, error=ServiceUnavailable("postgres", "cannot verify the API key"))
             self._next = {}
 
-    async def _fetch(self, prefixes: list[str]) -> list[dict[str, Any]]:
+    async def _fetch(self, prefixes: list[str]) -> list[KeyRow]:
         self.queries += 1
-        async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            return await (await cur.execute(LOOKUP_SQL, (prefixes,))).fetchall()
+        return await keys_by_prefix_async(self.pool, prefixes=prefixes)
 
-    def _answer(
-        self, batch: dict[str, tuple[str, asyncio.Future[Principal | None]]], rows: list[dict[str, Any]]
-    ) -> None:
+    def _answer(self, batch: dict[str, tuple[str, asyncio.Future[Principal | None]]], rows: list[KeyRow]) -> None:
         now = time.monotonic()
         for digest, (prefix, future) in batch.items():
             row = matching_row(rows, prefix=prefix, digest=digest)

@@ -1,4 +1,4 @@
-"""API keys: create, revoke and verify. Only an HMAC of each key is stored.
+"""API keys: create, revoke and verify. Only an HMAC of each key is stored (its SQL: serve_app/store/keys.py).
 
 CLI: ``python -m serve_app.keys create --sites all`` (or ``--sites 1,2``) prints the new key
 as the last line of its output; ``python -m serve_app.keys revoke KEY``.
@@ -13,12 +13,11 @@ import re
 import secrets
 import sys
 from dataclasses import dataclass, field
-from typing import Any
-
-import psycopg
 
 from serve_app.config import get_settings
-from serve_app.store.db import connect
+from serve_app.store import keys as store_keys
+from serve_app.store.db import SyncConn, connect
+from serve_app.store.keys import KeyRow
 
 KEY_PREFIX = "tcr_"
 KEY_TOKEN_BYTES = 32
@@ -78,30 +77,20 @@ def parse_sites(text: str) -> list[int] | None:
     return ids
 
 
-def create_key(conn: psycopg.Connection[Any], *, sites: list[int] | None, pepper: str, label: str | None = None) -> str:
+def create_key(conn: SyncConn, *, sites: list[int] | None, pepper: str, label: str | None = None) -> str:
     """Store a new key for the given sites (None: all sites) and return it in clear, once."""
     if sites is not None:
-        known = {row["id"] for row in conn.execute("SELECT id FROM sites WHERE id = ANY(%s)", (sites,))}
-        missing = sorted(set(sites) - known)
+        missing = store_keys.unknown_sites(conn, sites=sites)
         if missing:
             raise ValueError(f"unknown site id(s): {', '.join(map(str, missing))}")
     key = new_key()
-    conn.execute(
-        "INSERT INTO api_keys (key_hash, prefix, all_sites, site_ids, label) VALUES (%s, %s, %s, %s, %s)",
-        (hash_key(key, pepper=pepper), key_prefix(key), sites is None, sites or [], label),
-    )
-    conn.commit()
+    store_keys.insert_key(conn, key_hash=hash_key(key, pepper=pepper), prefix=key_prefix(key), sites=sites, label=label)
     return key
 
 
-def revoke_key(conn: psycopg.Connection[Any], *, key: str, pepper: str) -> bool:
+def revoke_key(conn: SyncConn, *, key: str, pepper: str) -> bool:
     """Revoke a key; False when no active key matches."""
-    row = conn.execute(
-        "UPDATE api_keys SET revoked_at = now() WHERE key_hash = %s AND revoked_at IS NULL RETURNING id",
-        (hash_key(key, pepper=pepper),),
-    ).fetchone()
-    conn.commit()
-    return row is not None
+    return store_keys.revoke_digest(conn, key_hash=hash_key(key, pepper=pepper))
 
 
 def digests_match(stored: str, presented: str) -> bool:
@@ -109,28 +98,22 @@ def digests_match(stored: str, presented: str) -> bool:
     return hmac.compare_digest(stored.encode(), presented.encode())
 
 
-def find_key(conn: psycopg.Connection[Any], *, key: str, pepper: str) -> dict[str, Any] | None:
+def find_key(conn: SyncConn, *, key: str, pepper: str) -> KeyRow | None:
     """The active api_keys row of ``key`` (found by its prefix, its digest compared in constant time), or None."""
     if not looks_like_key(key):
         return None
-    rows: list[dict[str, Any]] = conn.execute(LOOKUP_SQL, ([key_prefix(key)],)).fetchall()
+    rows = store_keys.keys_by_prefix(conn, prefixes=[key_prefix(key)])
     return matching_row(rows, prefix=key_prefix(key), digest=hash_key(key, pepper=pepper))
 
 
-def matching_row(rows: list[dict[str, Any]], *, prefix: str, digest: str) -> dict[str, Any] | None:
-    """The row among ``LOOKUP_SQL``'s whose prefix is the key's and whose digest matches (constant time)."""
+def matching_row(rows: list[KeyRow], *, prefix: str, digest: str) -> KeyRow | None:
+    """The row among a prefix lookup's whose prefix is the key's and whose digest matches (constant time)."""
     return next((r for r in rows if r["prefix"] == prefix and digests_match(str(r["key_hash"]), digest)), None)
 
 
-def principal_from_row(row: dict[str, Any]) -> Principal:
+def principal_from_row(row: KeyRow) -> Principal:
     """A Principal from an api_keys row."""
     return Principal(key_id=int(row["id"]), all_sites=bool(row["all_sites"]), site_ids=frozenset(row["site_ids"] or ()))
-
-
-# Active keys by their stored prefixes; the caller compares digests (digests_match) to pick the key.
-LOOKUP_SQL = (
-    "SELECT id, prefix, key_hash, all_sites, site_ids FROM api_keys WHERE prefix = ANY(%s) AND revoked_at IS NULL"
-)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,13 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from psycopg_pool import AsyncConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from serve_app.config import Settings
 from serve_app.keyring import KeyVerifier
-from serve_app.store.db import make_pool
+from serve_app.store.db import Pool, make_pool
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ class Resources:
     """What a request handler needs; opened in the app's lifespan, closed at shutdown."""
 
     settings: Settings
-    pool: AsyncConnectionPool
+    pool: Pool
     redis: aioredis.Redis
     keys: KeyVerifier
 

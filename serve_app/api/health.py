@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from serve_app.api.deps import ResourcesDep
 from serve_app.api.problems import problem_response, retry_later
 from serve_app.resources import Resources
+from serve_app.store.db import ping
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,7 @@ async def _check_redis(resources: Resources) -> None:
 
 
 async def _check_postgres(resources: Resources) -> None:
-    async with resources.pool.connection(timeout=CHECK_TIMEOUT_S) as conn:
-        await conn.execute("SELECT 1")
+    await ping(resources.pool, timeout_s=CHECK_TIMEOUT_S)
 
 
 READINESS_CHECKS: dict[str, ReadinessCheck] = {"redis": _check_redis, "postgres": _check_postgres}

@@ -16,6 +16,8 @@ from starlette.requests import ClientDisconnect
 
 from serve_app.errors import (
     CorruptImage,
+    DeerMerged,
+    DeerNotInSite,
     ImageConflict,
     ImageNotFound,
     ImageRejected,
@@ -24,7 +26,9 @@ from serve_app.errors import (
     ImageUnreadable,
     ImageUriRefused,
     InvalidKey,
+    MergeAcrossSites,
     NotFound,
+    ProfileRefused,
     ServiceUnavailable,
     UndecodableImage,
     UnsupportedImageType,
@@ -164,6 +168,18 @@ _URI_REFUSALS = {
     "too-long": "image-uri-too-long",
 }
 
+# A deer profile that cannot take a change -> (status, problem code).
+_PROFILE_REFUSALS: dict[type[ProfileRefused], tuple[int, str]] = {
+    DeerMerged: (409, "deer-merged"),
+    DeerNotInSite: (422, "deer-not-in-site"),
+    MergeAcrossSites: (422, "merge-across-sites"),
+}
+
+
+def profile_status(exc: ProfileRefused) -> tuple[int, str]:
+    """The HTTP status and problem code of a change a deer profile refused."""
+    return next((found for kind, found in _PROFILE_REFUSALS.items() if isinstance(exc, kind)), (409, "deer-refused"))
+
 
 def image_status(exc: ImageRejected | ImageConflict) -> tuple[int, str]:
     """The HTTP status and problem code of a refused image or an image URI recorded elsewhere."""
@@ -290,6 +306,11 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
         field = "image_uri" if isinstance(exc, ImageUriRefused) else "image"
         return await _problem(request, image_problem(exc, field=field))
+
+    @app.exception_handler(ProfileRefused)
+    async def _profile_refused(request: Request, exc: ProfileRefused) -> JSONResponse:
+        status, code = profile_status(exc)
+        return problem_response(status, code, exc.detail, instance=request.url.path)
 
     @app.exception_handler(InvalidKey)
     async def _invalid_key(request: Request, exc: InvalidKey) -> JSONResponse:

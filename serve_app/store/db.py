@@ -20,6 +20,8 @@ SyncConn = psycopg.Connection[Row]
 """A synchronous connection (CLIs, migrations, batch tasks): the type store functions for batch jobs take."""
 AsyncConn = psycopg.AsyncConnection[Row]
 """A pooled async connection (the ingress): the type async store functions take."""
+Pool = AsyncConnectionPool[AsyncConn]
+"""The ingress's pool of :data:`AsyncConn`: the type store functions that open their own connection take."""
 
 CONNECT_TIMEOUT_S = 3
 """How long opening a Postgres connection may take before it fails, seconds (every connection we open)."""
@@ -30,10 +32,11 @@ def connect(dsn: str, *, autocommit: bool = False) -> SyncConn:
     return psycopg.connect(dsn, autocommit=autocommit, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
 
 
-def make_pool(dsn: str, *, max_size: int = 8) -> AsyncConnectionPool:
+def make_pool(dsn: str, *, max_size: int = 8) -> Pool:
     """An unopened async pool; the caller awaits ``pool.open()`` inside its event loop."""
     return AsyncConnectionPool(
         dsn,
+        connection_class=AsyncConn,
         min_size=1,
         max_size=max_size,
         open=False,
@@ -41,6 +44,12 @@ def make_pool(dsn: str, *, max_size: int = 8) -> AsyncConnectionPool:
         kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
         check=AsyncConnectionPool.check_connection,
     )
+
+
+async def ping(pool: Pool, *, timeout_s: float) -> None:
+    """Raise unless a pooled connection answers ``SELECT 1`` (readiness); waits at most ``timeout_s`` for one."""
+    async with pool.connection(timeout=timeout_s) as conn:
+        await conn.execute("SELECT 1")
 
 
 def database_name(dsn: str) -> str:

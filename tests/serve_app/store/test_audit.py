@@ -11,8 +11,8 @@ import pytest
 from batch.demo_data import DemoParams, load_demo
 from tests import factories
 
-# The statements the API runs (serve_app/api/review.py, serve_app/api/deer.py), without a site: the row names
-# the detection or deer it is about, as every writer of review_events does.
+# The events an assignment and a merge write (serve_app/store/audit.py), without a site: the row names the
+# detection or deer it is about, and the trigger takes the site from it.
 ASSIGN_EVENT_SQL = (
     "INSERT INTO review_events (detection_id, deer_id, action, from_deer_id, to_deer_id, from_decision, to_decision,"
     " api_key_id, actor) VALUES (%s, %s, 'assign', NULL, %s, 'unassigned', 'manual', NULL, 'api-key:1') RETURNING id"
