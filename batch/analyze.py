@@ -23,13 +23,13 @@ from batch.report import build_report
 from serve_app.config import get_settings
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD
 from serve_app.store.db import connect
+from serve_app.store.reports import store_report
 
 logger = logging.getLogger(__name__)
 
 BAR_COLOR = "#4c72b0"
 CURRENT_COLOR = "#d62728"
 RECOMMENDED_COLOR = "#2ca02c"
-STORE_SQL = "INSERT INTO threshold_reports (model_version, site_ids, report) VALUES (%s, %s, %s) RETURNING id"
 
 
 def draw_histogram(report: dict[str, Any], path: Path) -> None:
@@ -138,9 +138,8 @@ def analyze(
         model_version = resolve_model_version(conn, model_version)
         report = build_report(conn, model_version=model_version, sites=sites, current_threshold=current_threshold)
         if store:
-            row = conn.execute(STORE_SQL, (model_version, sites, json.dumps(report))).fetchone()
+            report["report_id"] = store_report(conn, model_version=model_version, sites=sites, report=report)
             conn.commit()
-            report["report_id"] = row["id"] if row else None
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report))
     draw_histogram(report, out / "histogram.png")

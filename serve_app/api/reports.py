@@ -2,29 +2,21 @@
 
 ``python -m batch.analyze`` stores each report with its site scope (NULL = all sites). A key for all
 sites gets the newest all-sites report (else the newest of any scope); a key for some sites gets the
-newest report whose scope lies wholly inside its sites, so no key sees another site's figures.
+newest report whose scope lies wholly inside its sites, so no key sees another site's figures
+(serve_app/store/reports.py).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-import psycopg
 from fastapi import APIRouter, Query
-from psycopg.rows import dict_row
 
 from serve_app.api.deps import PrincipalDep, ResourcesDep
-from serve_app.errors import NotFound, ServiceUnavailable
+from serve_app.errors import NotFound
+from serve_app.store.reports import latest_report
 
 router = APIRouter(tags=["reid"])
-
-LATEST_SQL = """
-SELECT id, model_version, site_ids, report, created_at FROM threshold_reports
-WHERE (%(mv)s::text IS NULL OR model_version = %(mv)s)
-  AND (%(sites)s::bigint[] IS NULL OR (site_ids IS NOT NULL AND site_ids <@ %(sites)s::bigint[]))
-ORDER BY (site_ids IS NULL) DESC, created_at DESC, id DESC
-LIMIT 1
-"""
 
 
 @router.get("/api/reid/threshold-report", summary="Latest threshold analysis report for the key's sites")
@@ -34,13 +26,7 @@ async def threshold_report(
     model_version: Annotated[str | None, Query(max_length=200, description="only reports of this model")] = None,
 ) -> dict[str, Any]:
     """The stored report JSON plus its id, scope and creation time; 404 when none is visible."""
-    try:
-        async with resources.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(LATEST_SQL, {"mv": model_version, "sites": principal.site_filter()})
-            row = await cur.fetchone()
-    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
-        raise ServiceUnavailable("postgres", "cannot read threshold reports") from exc
+    row = await latest_report(resources.pool, model_version=model_version, sites=principal.site_filter())
     if row is None:
         suffix = f" and model {model_version}" if model_version else ""
         raise NotFound(f"no threshold report for this key's sites{suffix}")
