@@ -4,19 +4,20 @@ A detection a person decided (assigned, gave a new deer, or unassigned: ``review
 decision is ``manual``) keeps that decision. An assignment never lands on a profile merged away after
 the run's galleries were loaded: the target profiles are locked FOR SHARE (the merge locks them FOR
 UPDATE) and followed to the profile that survived. Every change of deer or decision is recorded in
-review_events as ``auto_reassign`` by the run.
+review_events as ``auto_reassign`` by the run (serve_app/store/audit.py).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from batch.results import Scored
 from serve_app.reid.decision import Thresholds
+from serve_app.store.audit import Reassignment, record_reassignments
 
 UNDECIDED = "d.decision <> 'manual' AND d.reviewed_at IS NULL"
 """Detections no person has decided: the only ones an automatic pass may change."""
@@ -35,16 +36,9 @@ UPDATE detections AS d SET deer_id = u.deer_id, decision = u.decision, top1_simi
 FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::float8[]) AS u(id, deer_id, decision, top1)
 WHERE d.id = u.id AND {UNDECIDED}
 """
-EVENTS_SQL = """
-INSERT INTO review_events (detection_id, deer_id, action, from_deer_id, to_deer_id, from_decision, to_decision,
-                           actor, note)
-SELECT u.id, u.to_deer, 'auto_reassign', u.from_deer, u.to_deer, u.from_decision, u.to_decision, %s, %s
-FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])
-     AS u(id, from_deer, to_deer, from_decision, to_decision)
-"""
 
 
-def surviving_profiles(cur: psycopg.Cursor[Any], deer_ids: Iterable[int]) -> dict[int, int]:
+def surviving_profiles(cur: psycopg.Cursor[TupleRow], deer_ids: Iterable[int]) -> dict[int, int]:
     """Each profile's survivor (itself unless merged), every profile on the way locked FOR SHARE until commit."""
     merged_into: dict[int, int | None] = {}
     pending = set(deer_ids)
@@ -63,7 +57,7 @@ def surviving_profiles(cur: psycopg.Cursor[Any], deer_ids: Iterable[int]) -> dic
 
 
 def apply_assignments(
-    cur: psycopg.Cursor[Any],
+    cur: psycopg.Cursor[TupleRow],
     results: Sequence[Scored],
     *,
     thresholds: Thresholds,
@@ -82,7 +76,7 @@ def apply_assignments(
     survivor = surviving_profiles(cur, {deer for _, deer in decided.values() if deer is not None})
     current = {row[0]: (row[1], row[2]) for row in cur.execute(LOCK_SQL, (list(by_id),)).fetchall()}
     ids, deer, decisions, top1s = [], [], [], []
-    changed: list[tuple[int, int | None, int | None, str, str]] = []
+    changed: list[Reassignment] = []
     for det_id, (old_deer, old_decision) in current.items():
         decision, new_deer = decided[det_id]
         new_deer = survivor.get(new_deer, new_deer) if new_deer is not None else None
@@ -92,12 +86,8 @@ def apply_assignments(
         decisions.append(decision)
         top1s.append(top[1] if top else None)
         if new_deer != old_deer or decision != old_decision:
-            changed.append((det_id, old_deer, new_deer, old_decision, decision))
+            changed.append(Reassignment(det_id, old_deer, new_deer, old_decision, decision))
     cur.execute(UPDATE_SQL, (model_version, ids, deer, decisions, top1s))
-    if changed:
-        columns = list(zip(*changed, strict=True))
-        cur.execute(
-            EVENTS_SQL,
-            (f"backfill:{run_id}", f"re-decided at accept threshold {thresholds.accept}", *map(list, columns)),
-        )
+    note = f"re-decided at accept threshold {thresholds.accept}"
+    record_reassignments(cur, changed, actor=f"backfill:{run_id}", note=note)
     return len(changed)

@@ -31,6 +31,7 @@ from psycopg.rows import dict_row
 from batch.camtrap_validation import PackageRejected, validate_package
 from serve_app.config import get_settings
 from serve_app.paths import PathRefused, confine
+from serve_app.store.deer import create_deer_sync
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +196,9 @@ def import_package(
                         (summary.site_id, individual),
                     ).fetchone()
                     sex = obs.get("sex") if obs.get("sex") in ("male", "female") else "unknown"
-                    deer[individual] = int(found["id"]) if found else _id(
-                        conn,
-                        "INSERT INTO deer (site_id, name, sex, notes) VALUES (%s, %s, %s, %s) RETURNING id",
-                        (summary.site_id, individual, sex, f"imported from Camtrap DP package {package_key}"),
+                    notes = f"imported from Camtrap DP package {package_key}"
+                    deer[individual] = int(found["id"]) if found else create_deer_sync(
+                        conn, site_id=summary.site_id, name=individual, sex=sex, notes=notes
                     )  # fmt: skip
                     summary.deer += 0 if found else 1
                 deer_id = deer[individual]
