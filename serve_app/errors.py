@@ -22,6 +22,14 @@ class ServiceUnavailable(TrailcamError):
         return f"{self.service} unavailable: {self.detail}" if self.detail else f"{self.service} unavailable"
 
 
+class ModelUnreachable(ServiceUnavailable):
+    """No ReID model answers this application (none deployed, or its deployment cannot be found)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("model", detail)
+        self.args = (detail,)  # what unpickling passes back to __init__
+
+
 class NotFound(TrailcamError):
     """The resource does not exist or is not visible to the caller's key."""
 

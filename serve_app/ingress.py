@@ -12,17 +12,51 @@ from ray import serve
 
 from serve_app.api import exports, health, reid_routes
 from serve_app.api import reports as threshold_reports
+from serve_app.api.deps import ExportQueue, ReIDService
 from serve_app.api.guards import LimitBody, RequireKey
 from serve_app.api.openapi import API_DESCRIPTION, API_TITLE, OPENAPI_TAGS
 from serve_app.api.problems import COMMON_RESPONSES, install_problem_handlers
 from serve_app.config import Settings
+from serve_app.exports import metrics as export_metrics
+from serve_app.exports.task import RAY_METRICS, RayExportQueue
+from serve_app.reid.deployment import ReIDHandle
 from serve_app.resources import Resources
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
-    """The FastAPI application; also served by bare uvicorn for side-by-side benchmarks."""
+def serve_reid() -> ReIDService | None:
+    """The ReID deployment of the Serve application this replica belongs to; None outside Serve (bare uvicorn),
+    where identification answers 503 and readiness does not wait for a model."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - not running in a Serve replica
+        logger.info("not on Serve: no ReID deployment, no model readiness check")
+        return None
+    export_metrics.install(RAY_METRICS)  # a Serve replica records the export metrics it sees
+    return ReIDHandle(context.app_name)
+
+
+def model_check(reid: ReIDService) -> health.ReadinessCheck:
+    """Readiness of the model: its service answers ``ready``."""
+
+    async def check(resources: Resources) -> None:
+        await reid.ready()
+
+    return check
+
+
+def create_app(
+    settings_overrides: Mapping[str, Any] | None = None,
+    *,
+    reid: ReIDService | None = None,
+    export_queue: ExportQueue | None = None,
+) -> FastAPI:
+    """The FastAPI application; also served by bare uvicorn for side-by-side benchmarks.
+
+    ``reid`` and ``export_queue`` replace the Ray ones (the ReID deployment of this Serve application, one Ray
+    task per export); the routes reach them through serve_app/api/deps.py.
+    """
     settings = Settings(**dict(settings_overrides or {}))
 
     @asynccontextmanager
@@ -30,6 +64,10 @@ def create_app(settings_overrides: Mapping[str, Any] | None = None) -> FastAPI:
         resources = Resources.create(settings)
         await resources.open()
         app.state.resources = resources
+        app.state.export_queue = export_queue if export_queue is not None else RayExportQueue(settings)
+        app.state.reid = reid if reid is not None else serve_reid()
+        if app.state.reid is not None:
+            app.state.readiness_checks["model"] = model_check(app.state.reid)
         try:
             yield
         finally:
@@ -76,7 +114,7 @@ def ingress_deployment(settings_overrides: Mapping[str, Any] | None = None) -> s
         """Serves the FastAPI app; holds no state of its own."""
 
         def __init__(self, *bound: Any) -> None:
-            # Bound deployments (ReID) belong to the application; routers look them up by name.
+            # Bound deployments (ReID) belong to the application; the app reaches it by name (ReIDHandle).
             self.bound = bound
 
     # serve.deployment has already turned the class into a Deployment; mypy sees the class.

@@ -12,24 +12,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from ray import serve
 
-from serve_app.api.deps import PrincipalDep, ResourcesDep
+from serve_app.api.deps import PrincipalDep, ReIDDep, ReIDService, ResourcesDep
 from serve_app.api.problems import Problem, image_problem, rule_errors
 from serve_app.config import Settings
-from serve_app.errors import ImageConflict, ImageRejected, NotFound, TrailcamError
+from serve_app.errors import ImageConflict, ImageRejected, ModelUnreachable, NotFound
 from serve_app.images import decode_image, read_limited, resolve_image_uri, store_upload, upload_uri
 from serve_app.keys import Principal
 from serve_app.reid.identification import Identification, IdentifyRequest, recorded_elsewhere
 from serve_app.reid.preprocessing import BBox, crop
 from serve_app.resources import Resources
+from serve_app.store.detections import camera_site as stored_camera_site
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["identification"])
 
 MAX_BATCH = 64
-REID_DEPLOYMENT = "ReID"
 IDENTIFY_TIMEOUT_S = 120.0
 
 
@@ -73,27 +72,13 @@ class BatchIn(BaseModel):
     detections: list[DetectionIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-def reid_handle(request: Request) -> Any:
-    """The ReID deployment of this Serve application (looked up once per process)."""
-    handle = getattr(request.app.state, "reid_handle", None)
-    if handle is None:
-        try:
-            app_name = serve.get_replica_context().app_name
-            handle = serve.get_deployment_handle(REID_DEPLOYMENT, app_name=app_name)
-        except Exception as exc:
-            raise Problem(503, "model-unavailable", f"the ReID deployment is not reachable: {exc}") from exc
-        request.app.state.reid_handle = handle
-    return handle
-
-
 async def camera_site(resources: Resources, camera_id: int, principal: Principal) -> int:
     """The camera's site, when the key may reach it (404 otherwise)."""
     async with resources.pool.connection() as conn:
-        cur = await conn.execute("SELECT site_id FROM cameras WHERE id = %s", (camera_id,))
-        row: Any = await cur.fetchone()
-    if row is None or not principal.allows(int(row["site_id"])):
+        site_id = await stored_camera_site(conn, camera_id=camera_id)
+    if site_id is None or not principal.allows(site_id):
         raise NotFound(f"camera {camera_id} not found")
-    return int(row["site_id"])
+    return site_id
 
 
 def _prepare(data: bytes, *, bbox: BBox, settings: Settings) -> tuple[Any, int, int]:
@@ -164,8 +149,8 @@ async def build_request(
     )
 
 
-async def identify(request: Request, items: list[IdentifyRequest]) -> list[Identification]:
-    """Send each crop to the ReID deployment (it batches them) and wait for all answers.
+async def identify(reid: ReIDService, items: list[IdentifyRequest]) -> list[Identification]:
+    """Send each crop to the ReID service (it batches them) and wait for all answers.
 
     Items naming one image must agree on its camera and capture time (409 otherwise, before anything is
     stored). A refusal from the replica (an image recorded meanwhile for another camera or time) is a 409;
@@ -176,18 +161,14 @@ async def identify(request: Request, items: list[IdentifyRequest]) -> list[Ident
         if seen.setdefault(item.image_uri, (item.camera_id, item.captured_at)) != (item.camera_id, item.captured_at):
             field = f"detections.{index}.image_uri" if len(items) > 1 else "image_uri"
             raise _reject(ImageConflict(item.image_uri, "the batch names one image with two cameras or times"), field)
-    handle = reid_handle(request)
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(handle.identify.remote(item) for item in items)), timeout=IDENTIFY_TIMEOUT_S
+            asyncio.gather(*(reid.identify(item) for item in items)), timeout=IDENTIFY_TIMEOUT_S
         )
-    except TrailcamError as exc:
-        # Ray re-raises a replica's exception as a subclass of its type; the original is its ``cause``.
-        cause = getattr(exc, "cause", exc)
-        if isinstance(cause, ImageConflict):
-            raise _reject(cause, "image_uri") from exc
-        logger.warning("identification failed: %r", exc)
-        raise Problem(503, "identification-unavailable", f"identification failed: {type(cause).__name__}") from exc
+    except ModelUnreachable as exc:
+        raise Problem(503, "model-unavailable", exc.detail) from exc
+    except ImageConflict as exc:
+        raise _reject(exc, "image_uri") from exc
     except Exception as exc:
         logger.warning("identification failed: %r", exc)
         raise Problem(503, "identification-unavailable", f"identification failed: {type(exc).__name__}") from exc
@@ -202,7 +183,7 @@ async def identify(request: Request, items: list[IdentifyRequest]) -> list[Ident
         ]
         problem.extra = {"stored": stored} if stored else {}
         raise problem
-    return list(results)
+    return [r for r in results if isinstance(r, Identification)]  # no conflict is left
 
 
 UPLOAD_FIELDS = ("image", "camera_id", "captured_at", "bbox")
@@ -267,7 +248,9 @@ _BODY_DOC: dict[str, Any] = {
 
 
 @router.post("/api/detections", status_code=201, summary="Identify one detection", openapi_extra=_BODY_DOC)
-async def post_detection(request: Request, resources: ResourcesDep, principal: PrincipalDep) -> JSONResponse:
+async def post_detection(
+    request: Request, resources: ResourcesDep, principal: PrincipalDep, reid: ReIDDep
+) -> JSONResponse:
     """JSON with an image_uri under the image root, or multipart with an image file; answers the identification."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         item, data = await _read_upload(request, resources.settings)
@@ -278,13 +261,13 @@ async def post_detection(request: Request, resources: ResourcesDep, principal: P
         except ValidationError as exc:
             raise _validation(exc) from exc
         prepared = await build_request(item, resources=resources, principal=principal)
-    (result,) = await identify(request, [prepared])
+    (result,) = await identify(reid, [prepared])
     return JSONResponse(result.as_json(), status_code=201)
 
 
 @router.post("/api/detections/batch", status_code=201, summary=f"Identify up to {MAX_BATCH} detections")
 async def post_batch(
-    request: Request, body: BatchIn, resources: ResourcesDep, principal: PrincipalDep
+    body: BatchIn, resources: ResourcesDep, principal: PrincipalDep, reid: ReIDDep
 ) -> dict[str, list[dict[str, Any]]]:
     """Every item is validated first; one failing item fails the request (no detection is stored)."""
     prepared = []
@@ -298,7 +281,7 @@ async def post_batch(
             raise
         except NotFound as exc:
             raise NotFound(f"detections[{index}]: {exc}") from exc
-    results = await identify(request, prepared)
+    results = await identify(reid, prepared)
     return {"items": [r.as_json() for r in results]}
 
 

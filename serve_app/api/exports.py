@@ -8,23 +8,21 @@ import datetime as dt
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
-import ray
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.api.deps import PrincipalDep, ResourcesDep
+from serve_app.api.deps import ExportQueueDep, PrincipalDep, ResourcesDep
 from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem
 from serve_app.errors import NotFound, ServiceUnavailable
 from serve_app.exports import metrics
 from serve_app.exports.files import EXTENSIONS, MEDIA_TYPES, ExportFiles, file_uri
 from serve_app.exports.jobs import Job, JobStore, fingerprint
 from serve_app.exports.sweeper import job_lost, run_sweeper
-from serve_app.exports.task import submit_export
 from serve_app.exports.validation import (
     FORMATS,
     GROUP_BY,
@@ -34,6 +32,7 @@ from serve_app.exports.validation import (
 )
 from serve_app.keys import Principal
 from serve_app.resources import Resources
+from serve_app.store.exports import unknown_site_ids
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +41,10 @@ RETRY_AFTER_S = 1
 
 @dataclass
 class ExportState:
-    """Per-replica helpers. ``refs`` only lets DELETE cancel a task this replica launched;
-    nothing depends on it being complete (status lives in Redis)."""
+    """Per-replica helpers (job status lives in Redis; the runner is the export queue's)."""
 
     store: JobStore
     files: ExportFiles
-    refs: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager
@@ -135,11 +132,9 @@ def _reject(errors: list[RuleError]) -> Problem:
 async def _unknown_sites(resources: Resources, site_ids: tuple[int, ...]) -> list[int]:
     try:
         async with resources.pool.connection() as conn:
-            cur = await conn.execute("SELECT id FROM sites WHERE id = ANY(%s)", (list(site_ids),))
-            known = {int(row["id"]) for row in await cur.fetchall()}  # type: ignore[call-overload]
+            return await unknown_site_ids(conn, site_ids=site_ids)
     except (psycopg.Error, TimeoutError) as exc:
         raise ServiceUnavailable("postgres", "cannot check site ids") from exc
-    return sorted(set(site_ids) - known)
 
 
 async def _owned(request: Request, job_id: str, principal: Principal) -> Job:
@@ -159,23 +154,6 @@ def _view(job: Job, status_code: int = 200, headers: dict[str, str] | None = Non
     return JSONResponse(job.public(), status_code=status_code, headers=headers)
 
 
-def _submit(request: Request, resources: Resources, job: Job) -> None:
-    settings = resources.settings
-    state = _state(request)
-    ref = submit_export(
-        settings.database_dsn,
-        job_id=job.id,
-        params=job.params,
-        redis_url=settings.redis_dsn,
-        export_dir=settings.export_dir,
-        num_cpus=settings.export_task_num_cpus,
-        lease_s=settings.export_lease_s,
-        scientific_name=settings.export_scientific_name,
-    )
-    state.refs[job.id] = ref
-    ref.future().add_done_callback(lambda _: state.refs.pop(job.id, None))
-
-
 @router.post(
     "",
     status_code=202,
@@ -188,7 +166,9 @@ def _submit(request: Request, resources: Resources, job: Job) -> None:
         422: {"description": "Idempotency-Key reused with another body", **_PROBLEM},
     },
 )
-async def create_export(request: Request, principal: PrincipalDep, resources: ResourcesDep) -> JSONResponse:
+async def create_export(
+    request: Request, principal: PrincipalDep, resources: ResourcesDep, queue: ExportQueueDep
+) -> JSONResponse:
     """Check VR-001..VR-005, the body's shape, its site ids and the Idempotency-Key together; 202 with the
     new job, or 400 listing every failure."""
     try:
@@ -222,10 +202,10 @@ async def create_export(request: Request, principal: PrincipalDep, resources: Re
         raise NotFound("the export expired before it could be read")
     if outcome == "created":
         try:
-            _submit(request, resources, job)
-        except Exception as exc:
+            await queue.submit(job.id, params=job.params)
+        except Exception:
             await state.store.fail(job.id, error="could not start the export task")
-            raise ServiceUnavailable("ray", "cannot start the export task") from exc
+            raise
     return _view(job, 202, {"Location": f"/api/exports/{job.id}"})
 
 
@@ -275,16 +255,13 @@ async def download_export(request: Request, job_id: str, principal: PrincipalDep
     summary="Cancel and delete an export",
     responses={404: {"description": "unknown, expired or deleted", **_PROBLEM}},
 )
-async def delete_export(request: Request, job_id: str, principal: PrincipalDep) -> Response:
+async def delete_export(request: Request, job_id: str, principal: PrincipalDep, queue: ExportQueueDep) -> Response:
     """Remove the status and the file; a running task is cancelled (or notices on its next heartbeat)."""
     state = _state(request)
     job = await state.store.delete(job_id, owner=principal.key_id)
     if job is None:
         raise NotFound(f"no export {job_id}")
-    ref = state.refs.pop(job_id, None)
-    if ref is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(ray.cancel, ref)
+    await queue.cancel(job_id)
     await asyncio.to_thread(state.files.remove, job.file_uri)
     return Response(status_code=204)
 

@@ -24,6 +24,7 @@ from serve_app.exports.files import ExportFiles, file_uri
 from serve_app.exports.jobs import RunnerLease, download_path, utc_now_iso
 from serve_app.exports.summary import write_summary
 from serve_app.store.db import connect
+from serve_app.store.exports import begin_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def run_export(
         heartbeat.start()
         try:
             with connect(dsn) as conn:
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                begin_snapshot(conn)
                 with files.open_part(uri) as sink:
                     rows = _write(
                         conn, sink, job_id=job_id, params=params, scientific_name=scientific_name, check=heartbeat.check

@@ -1,18 +1,45 @@
 """The Ray edge of the runner: a remote task around ``run_export`` (no retries: a lost worker
-ends its job as failed through the lease, never as a silent second run)."""
+ends its job as failed through the lease, never as a silent second run), and the export queue
+the ingress hands to the routes (serve_app.api.deps.ExportQueue) that launches and cancels it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import ray
+from ray.util import metrics as ray_metrics
 
+from serve_app.config import Settings
+from serve_app.errors import ServiceUnavailable
+from serve_app.exports import metrics
 from serve_app.exports.runner import run_export
+
+logger = logging.getLogger(__name__)
+
+
+class RayMetrics:
+    """The export metrics backend inside Ray processes (``ray.util.metrics``; Prometheus adds ``ray_``)."""
+
+    def counter(self, name: str, *, description: str, tag_keys: tuple[str, ...]) -> metrics.Counter:
+        return ray_metrics.Counter(name, description=description, tag_keys=tag_keys)
+
+    def histogram(
+        self, name: str, *, description: str, boundaries: Sequence[float], tag_keys: tuple[str, ...]
+    ) -> metrics.Histogram:
+        return ray_metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
+
+
+RAY_METRICS = RayMetrics()
 
 
 @ray.remote(max_retries=0)
 def export_task(spec: dict[str, Any]) -> str:
     """Run one export on a Ray worker; ``spec`` holds run_export's arguments."""
+    metrics.install(RAY_METRICS)
     args = dict(spec)
     return run_export(args.pop("dsn"), **args)
 
@@ -21,3 +48,39 @@ def submit_export(dsn: str, *, job_id: str, num_cpus: float, **kw: Any) -> ray.O
     """Launch the task on ``num_cpus`` (Settings.export_task_num_cpus) without waiting; the ref serves cancellation."""
     spec = {"dsn": dsn, "job_id": job_id, **kw}
     return export_task.options(num_cpus=num_cpus, name=f"export-{job_id[:8]}").remote(spec)
+
+
+class RayExportQueue:
+    """One Ray task per export. ``refs`` only lets a delete cancel a task this process launched; nothing
+    depends on it being complete (status lives in Redis)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.refs: dict[str, ray.ObjectRef[str]] = {}
+
+    async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
+        """Launch the job's task (connecting to or starting Ray on first use)."""
+        settings = self._settings
+        try:
+            ref = submit_export(
+                settings.database_dsn,
+                job_id=job_id,
+                params=params,
+                redis_url=settings.redis_dsn,
+                export_dir=settings.export_dir,
+                num_cpus=settings.export_task_num_cpus,
+                lease_s=settings.export_lease_s,
+                scientific_name=settings.export_scientific_name,
+            )
+        except Exception as exc:
+            logger.warning("cannot start export %s: %r", job_id, exc)
+            raise ServiceUnavailable("ray", "cannot start the export task") from exc
+        self.refs[job_id] = ref
+        ref.future().add_done_callback(lambda _: self.refs.pop(job_id, None))
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel the task when this process launched it and it still runs."""
+        ref = self.refs.pop(job_id, None)
+        if ref is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(ray.cancel, ref)

@@ -1,6 +1,9 @@
-"""Serve metrics of identification and score logging, created lazily (plain-Python imports need no Ray).
+"""Serve metrics of identification and score logging: part of the ReID deployment's Ray edge.
 
-Prometheus names carry Ray's ``ray_`` prefix, e.g. ``ray_trailcam_identifications_total``.
+Only serve_app/reid/deployment.py uses this module: it hands these functions to the plain-Python
+Identifier and ScoreBuffer as callbacks, so the domain code never records through Ray itself. The
+metrics are created on first use (importing this module needs no Ray). Prometheus names carry Ray's
+``ray_`` prefix, e.g. ``ray_trailcam_identifications_total``.
 """
 
 from __future__ import annotations
