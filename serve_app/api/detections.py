@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import FormData
 
 from serve_app.api.deps import PrincipalDep, ReIDDep, ReIDService, ResourcesDep
 from serve_app.api.problems import Problem, image_problem, rule_errors
@@ -190,8 +191,13 @@ UPLOAD_FIELDS = ("image", "camera_id", "captured_at", "bbox")
 
 
 async def _read_upload(request: Request, settings: Settings) -> tuple[DetectionIn, bytes]:
-    """The multipart form (its size was capped by the LimitBody middleware); every failure listed at once."""
-    form = await request.form(max_files=1, max_fields=10)
+    """The multipart form (its size was capped by the LimitBody middleware), its spooled files closed after."""
+    async with request.form(max_files=1, max_fields=10) as form:
+        return await _parse_upload(form, settings)
+
+
+async def _parse_upload(form: FormData, settings: Settings) -> tuple[DetectionIn, bytes]:
+    """The detection and image bytes of an upload form; every failure listed at once."""
     errors = [
         {"rule": "unknown_field", "field": name, "detail": f"unknown field {name!r}"}
         for name in sorted(set(form.keys()) - set(UPLOAD_FIELDS))
