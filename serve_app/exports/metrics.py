@@ -1,7 +1,7 @@
 """Export metrics, recorded through whichever backend the process installed (plain Python: no Ray here).
 
 The Ray edges install Ray's metrics (:func:`install`, from serve_app/exports/task.py: the Serve ingress
-and each export task), so Prometheus shows them with a ``ray_`` prefix. Elsewhere (unit tests, the
+and each export task), so Prometheus shows them under the prefix Ray adds. Elsewhere (unit tests, the
 bare-uvicorn benchmark, a runner called directly) nothing is installed and recording does nothing.
 """
 
@@ -30,7 +30,7 @@ class Histogram(Protocol):
 
 
 class MetricsBackend(Protocol):
-    """Creates the metrics (``ray.util.metrics`` at the Ray edges)."""
+    """Creates the metrics (Ray's util metrics at the Ray edges: task.RayMetrics)."""
 
     def counter(self, name: str, *, description: str, tag_keys: tuple[str, ...]) -> Counter: ...
 
