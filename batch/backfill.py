@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import ray
 
 from batch import runs
 from batch.runs import BackfillOptions, RunLocked, Selection
+from batch.score_writer import BlockCounts
 from serve_app.config import Settings, get_settings
 from serve_app.reid.model_spec import RANDOM_WEIGHTS, model_version_for, weights_digest
-from serve_app.store.db import connect
+from serve_app.store.db import SyncConn, connect
 
 logger = logging.getLogger("batch.backfill")
 
@@ -40,18 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_INTERVAL_S = 10.0
 
 
-@dataclass
-class RunResult:
-    """What a run did (also the CLI's summary)."""
+@dataclass(kw_only=True)
+class RunResult(BlockCounts):
+    """What a run did: its blocks' summed counts and how it ended (also the CLI's summary)."""
 
     run_id: uuid.UUID | None
     model_version: str
     state: str
     total: int
-    detections: int = 0
-    score_rows: int = 0
-    failed: int = 0
-    reassigned: int = 0
     elapsed_s: float = 0.0
     error: str | None = None
     dry_run: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +56,29 @@ class RunResult:
     def detections_per_s(self) -> float:
         """End-to-end throughput."""
         return self.detections / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run is to do, read before anything runs or is written: the selection is fixed here, once."""
+
+    dsn: str
+    image_root: Path
+    options: BackfillOptions
+    selection: Selection
+    """Filters, model version and id bounds; its run_id is the run whose rows are skipped (None: none)."""
+    run_id: uuid.UUID | None
+    """The run that writes (new or resumed); None: a dry run, which writes nothing."""
+    resumed: bool
+    total: int
+    sites: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    """Contiguous id ranges of about ``options.rows_per_block`` detections: one read task each."""
+
+    @property
+    def model_version(self) -> str:
+        """The version string the run's scores carry."""
+        return self.selection.model_version
 
 
 def model_version(options: BackfillOptions) -> str:
@@ -109,86 +128,101 @@ class Progress(threading.Thread):
             )  # fmt: skip
 
 
-def run_backfill(
+def plan(
     options: BackfillOptions | None,
     *,
     settings: Settings,
     dry_run: bool = False,
     resume: uuid.UUID | None = None,
-    actors: int | None = None,
-    cpu_threads: int = 0,
-    progress_interval_s: float = PROGRESS_INTERVAL_S,
-) -> RunResult:
-    """Run (or resume: ``options`` then come from the run's row) a backfill and return its summary.
-
-    A dry run reads and computes only: no row, lock, counter or embedding is written, resume included.
-    """
-    from batch import pipeline  # Ray Data is imported only by runs that use it
-
-    dsn = settings.database_dsn
-    image_root = Path(settings.image_root).resolve()  # tasks on other nodes need an absolute path
-    with connect(dsn) as conn:
-        stored_ids: tuple[int, int] | None = None
+) -> Plan:
+    """Read what a run (or a resume: ``options`` then come from the run's row) is to do; writes nothing."""
+    ids = (0, runs.MAX_ID)
+    with connect(settings.database_dsn) as conn:
         if resume is not None:
             row = runs.load_run(conn, resume)
             if row is None:
                 raise ValueError(f"no backfill run {resume}")
             options = BackfillOptions.from_json(dict(row["parameters"]))
-            stored_ids = (int(row["parameters"]["id_min"]), int(row["parameters"]["id_max"]))
-            if not dry_run and not runs.try_lock_run(conn, resume):
-                raise RunLocked(f"backfill run {resume} is being resumed by another driver; nothing was changed")
+            ids = (int(row["parameters"]["id_min"]), int(row["parameters"]["id_max"]))
         if options is None:
             raise ValueError("a new run needs options")
-        version = model_version(options)
-        # A resume (dry or not) reads only the run's detections that have no rows yet.
-        selection = Selection(version, resume, options.mode, options.sites, options.since, options.until,
-                              *(stored_ids or (0, runs.MAX_ID)))  # fmt: skip
-        lo, hi, count = runs.bounds(conn, selection, limit=options.limit if resume is None else None)
         run_id = None if dry_run else (resume or uuid.uuid4())
-        selection = dataclasses.replace(selection, run_id=resume or run_id, id_min=lo, id_max=hi)
-        sites = runs.selection_sites(conn, selection) if count else []
-        if run_id is not None and resume is None:
-            runs.create_run(
-                conn,
-                run_id=run_id,
-                model_version=version,
-                parameters={**options.as_json(), "id_min": lo, "id_max": hi, "image_root": str(image_root)},
-                total=count,
-            )
-            runs.try_lock_run(conn, run_id)
-        elif run_id is not None:
-            runs.mark_resumed(conn, run_id)
-        if options.spec.random_weights:
-            logger.warning("model %s has RANDOM weights: its scores carry no identity information", version)
+        # A resume (dry or not) reads only the run's detections that have no rows yet.
+        selection = Selection(model_version(options), resume or run_id, options.mode, options.sites, options.since,
+                              options.until, *ids)  # fmt: skip
+        lo, hi, total = runs.bounds(conn, selection, limit=options.limit if resume is None else None)
+        selection = dataclasses.replace(selection, id_min=lo, id_max=hi)  # a --limit run's sites are its own
+        sites = runs.selection_sites(conn, selection) if total else []
+    return Plan(
+        dsn=settings.database_dsn,
+        image_root=Path(settings.image_root).resolve(),  # tasks on other nodes need an absolute path
+        options=options,
+        selection=selection,
+        run_id=run_id,
+        resumed=resume is not None,
+        total=total,
+        sites=tuple(sites),
+        ranges=tuple(runs.id_ranges(lo, hi, total=total, rows_per_block=options.rows_per_block)),
+    )
+
+
+def claim(conn: SyncConn, plan: Plan, run_id: uuid.UUID) -> None:
+    """Hold the run for this driver: a new run's row, or a resumed run's lock and recounted row."""
+    if plan.resumed:
+        if not runs.try_lock_run(conn, run_id):
+            raise RunLocked(f"backfill run {run_id} is being resumed by another driver; nothing was changed")
+        runs.mark_resumed(conn, run_id)
+        return
+    parameters = {**plan.options.as_json(), "id_min": plan.selection.id_min, "id_max": plan.selection.id_max,
+                  "image_root": str(plan.image_root)}  # fmt: skip
+    runs.create_run(conn, run_id=run_id, model_version=plan.model_version, parameters=parameters, total=plan.total)
+    runs.try_lock_run(conn, run_id)
+
+
+def score(plan: Plan, *, actors: int | None, cpu_threads: int) -> tuple[BlockCounts, dict[str, Any]]:
+    """Run the Ray Data pipeline into the run's sink: what it wrote (or, dry, would write) and the dry summary."""
+    from batch import pipeline  # Ray Data is imported only by runs that use it
+
+    ensure_ray()
+    ds = pipeline.build_dataset(
+        dsn=plan.dsn, selection=plan.selection, ranges=list(plan.ranges), options=plan.options,
+        image_root=plan.image_root, sites=list(plan.sites), store_galleries=plan.run_id is not None, actors=actors,
+        cpu_threads=cpu_threads,
+    )  # fmt: skip
+    remote_args = {"num_cpus": pipeline.WRITE_CPUS}
+    if plan.run_id is None:
+        dry = pipeline.DryRunSink(model_version=plan.model_version, options=plan.options)
+        ds.write_datasink(dry, ray_remote_args=remote_args)
+        summary = dry.summary
+        return BlockCounts(summary["detections"], summary["score_rows"], summary["failed"]), summary
+    sink = pipeline.ScoreSink(dsn=plan.dsn, run_id=plan.run_id, model_version=plan.model_version, options=plan.options)
+    ds.write_datasink(sink, ray_remote_args=remote_args)
+    return sink.counts, {}
+
+
+def execute(
+    plan: Plan, *, actors: int | None = None, cpu_threads: int = 0, progress_interval_s: float = PROGRESS_INTERVAL_S
+) -> RunResult:
+    """Claim the run, score its ranges and record how it ended (a dry run only computes)."""
+    run_id = plan.run_id
+    with connect(plan.dsn) as conn:
+        if run_id is not None:
+            claim(conn, plan, run_id)
+        if plan.options.spec.random_weights:
+            logger.warning("model %s has RANDOM weights: its scores carry no identity information", plan.model_version)
         logger.info(
-            "backfill %s: model %s, %d detections to score in sites %s%s",
-            run_id or "(dry run)", version, count, sites, f"; resume with --resume {run_id}" if run_id else "",
+            "backfill %s: model %s, %d detections to score in sites %s%s", run_id or "(dry run)", plan.model_version,
+            plan.total, list(plan.sites), f"; resume with --resume {run_id}" if run_id else "",
         )  # fmt: skip
-        result = RunResult(run_id, version, "completed", count)
+        result = RunResult(run_id=run_id, model_version=plan.model_version, state="completed", total=plan.total)
         start = time.monotonic()
-        ranges = runs.id_ranges(lo, hi, total=count, rows_per_block=options.rows_per_block)
-        progress = Progress(dsn, run_id, interval_s=progress_interval_s) if run_id else None
+        progress = Progress(plan.dsn, run_id, interval_s=progress_interval_s) if run_id and plan.ranges else None
+        if progress:
+            progress.start()
         try:
-            if ranges:
-                ensure_ray()
-                ds = pipeline.build_dataset(
-                    dsn=dsn, selection=selection, ranges=ranges, options=options, image_root=image_root,
-                    sites=sites, store_galleries=not dry_run, actors=actors, cpu_threads=cpu_threads,
-                )  # fmt: skip
-                if progress:
-                    progress.start()
-                if run_id is None:
-                    dry = pipeline.DryRunSink(model_version=version, options=options)
-                    ds.write_datasink(dry, ray_remote_args={"num_cpus": pipeline.WRITE_CPUS})
-                    result.dry_run = dry.summary
-                    result.detections, result.score_rows = dry.summary["detections"], dry.summary["score_rows"]
-                    result.failed = dry.summary["failed"]
-                else:
-                    sink = pipeline.ScoreSink(dsn=dsn, run_id=run_id, model_version=version, options=options)
-                    ds.write_datasink(sink, ray_remote_args={"num_cpus": pipeline.WRITE_CPUS})
-                    counts = sink.counts
-                    result.detections, result.score_rows = counts.detections, counts.score_rows
-                    result.failed, result.reassigned = counts.failed, counts.reassigned
+            if plan.ranges:
+                counts, result.dry_run = score(plan, actors=actors, cpu_threads=cpu_threads)
+                result.add(counts)
         except BaseException as exc:
             result.state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             if run_id is not None:
@@ -204,12 +238,32 @@ def run_backfill(
     return result
 
 
-def outcome(conn: psycopg.Connection[Any], result: RunResult) -> tuple[str, str | None]:
+def run_backfill(
+    options: BackfillOptions | None,
+    *,
+    settings: Settings,
+    dry_run: bool = False,
+    resume: uuid.UUID | None = None,
+    actors: int | None = None,
+    cpu_threads: int = 0,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+) -> RunResult:
+    """Plan and execute a run (or a resume) and return its summary.
+
+    A dry run reads and computes only: no row, lock, counter or embedding is written, resume included.
+    """
+    planned = plan(options, settings=settings, dry_run=dry_run, resume=resume)
+    return execute(planned, actors=actors, cpu_threads=cpu_threads, progress_interval_s=progress_interval_s)
+
+
+def outcome(conn: SyncConn, result: RunResult) -> tuple[str, str | None]:
     """Final state and reason: a run none of whose detections could be scored failed, it did not complete."""
     scored = result.detections
     if result.run_id is not None:
         row = runs.load_run(conn, result.run_id)
-        scored = int(row["done"]) if row else scored  # a resumed run counts what its earlier passes scored
+        # This driver inserted (or loaded) the row and holds its lock; nothing deletes backfill_runs rows.
+        assert row is not None
+        scored = int(row["done"])  # a resumed run counts what its earlier passes scored too
     if result.failed and not scored:
         return "failed", (
             f"no detection could be scored: {result.failed} images unreadable (see the 'not scored' log lines;"
@@ -246,26 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def options_from_args(args: argparse.Namespace) -> BackfillOptions:
-    """Options from parsed arguments."""
+    """Options from parsed arguments (each option's flag carries its name; ``--model`` is ARCH[:WEIGHTS])."""
     architecture, _, weights = args.model.partition(":")
-    return BackfillOptions(
-        architecture=architecture,
-        weights=weights or RANDOM_WEIGHTS,
-        seed=args.seed,
-        input_size_px=args.input_size_px,
-        batch_size=args.batch_size,
-        sites=tuple(args.sites) if args.sites else None,
-        since=args.since,
-        until=args.until,
-        limit=args.limit,
-        mode=args.mode,
-        decode=args.decode,
-        accept_threshold=args.accept_threshold,
-        review_threshold=args.review_threshold,
-        store_embeddings=args.store_embeddings,
-        apply_assignments=args.apply_assignments,
-        rows_per_block=args.rows_per_block,
-    )
+    return BackfillOptions.from_json({**vars(args), "architecture": architecture, "weights": weights or RANDOM_WEIGHTS})
 
 
 def _interrupt(signum: int, frame: Any) -> None:
