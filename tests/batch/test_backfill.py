@@ -17,6 +17,7 @@ from serve_app.reid.preprocessing import BBox, crop
 from serve_app.reid.score_buffer import ScoreBuffer
 from serve_app.store.db import make_pool
 from tests.batch.conftest import Demo, small_options
+from tests.helpers import score_duplicates
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -32,14 +33,6 @@ def expected_rows(conn: psycopg.Connection[Any]) -> int:
     return int(row["n"])
 
 
-def duplicates(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute(
-        "SELECT count(*) AS n FROM (SELECT 1 FROM reid_similarity_scores GROUP BY model_version, detection_id, deer_id"
-        " HAVING count(*) > 1) t"
-    ).fetchone()
-    return int(row["n"])
-
-
 def test_backfill_scores_every_detection_against_its_site_profiles_then_missing_writes_nothing(
     demo: Demo, fresh: psycopg.Connection[Any]
 ) -> None:
@@ -48,7 +41,7 @@ def test_backfill_scores_every_detection_against_its_site_profiles_then_missing_
     assert result.state == "completed" and result.total == n_detections == result.detections
     assert result.score_rows == expected_rows(fresh) > 0
     assert fresh.execute("SELECT count(*) AS n FROM reid_similarity_scores").fetchone()["n"] == result.score_rows
-    assert duplicates(fresh) == 0
+    assert score_duplicates(fresh) == 0
     run = fresh.execute("SELECT * FROM backfill_runs WHERE id = %s", (result.run_id,)).fetchone()
     assert (run["state"], run["done"], run["total"], run["score_rows"]) == ("completed", n_detections, n_detections,
                                                                             result.score_rows)  # fmt: skip

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import psycopg
 import pytest
-from PIL import Image
 from ray import serve
 
 from serve_app.app import AppArgs
 from serve_app.ingress import ingress_deployment
 from serve_app.reid.deployment import ReIDArgs, reid_deployment
 from tests import factories
-from tests.fixtures.private_services import PrivatePostgres, PrivateRedis, private_postgres, private_redis
+from tests.fixtures.private_services import PrivatePostgres, persistent_redis, private_postgres, private_redis
 from tests.fixtures.ray_cluster import app_settings, wait_ready
+from tests.helpers import auth, write_jpeg
 
-__all__ = ["private_postgres", "private_redis"]  # fixtures re-exported for this directory
+__all__ = ["persistent_redis", "private_postgres", "private_redis"]  # fixtures re-exported for this directory
 
 BBOX = {"x": 0.2, "y": 0.2, "w": 0.5, "h": 0.6}
 GALLERY_REFRESH_S = 0.5
@@ -85,15 +82,6 @@ def deploy(serve_http_port: int, tmp_path_factory: pytest.TempPathFactory) -> It
         serve.delete(name)
 
 
-def write_jpeg(root: Path, rel: str, *, seed: int, size: tuple[int, int] = (320, 240)) -> str:
-    """A noise JPEG under the image root; returns its relative URI."""
-    rng = np.random.default_rng(seed)
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
-    return rel
-
-
 @dataclass
 class SiteData:
     """A site with a camera, K deer (one gallery crop each), an API key for this site only, and sightings."""
@@ -107,7 +95,7 @@ class SiteData:
     captured: dict[str, str] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
+        return auth(self.key)
 
     def body(self, uri: str) -> dict[str, Any]:
         # A recorded image must be named with its own camera and capture time (409 image-conflict otherwise).
@@ -137,59 +125,6 @@ def make_site(conn: psycopg.Connection[Any], images: Path, *, k: int = 3, days: 
             factories.detection(conn, image_id=img, decision="review", top1_similarity=0.5, bbox=(0.1, 0.1, 0.3, 0.3))
         )
     return data
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def export_body(fmt: str = "csv", *, days: int = 30, **extra: Any) -> dict[str, Any]:
-    today = dt.datetime.now(dt.UTC).date()
-    return {
-        "start_date": (today - dt.timedelta(days=days)).isoformat(),
-        "end_date": today.isoformat(),
-        "group_by": "week",
-        "format": fmt,
-        **extra,
-    }
-
-
-def wait_final(client: httpx.Client, url: str, headers: dict[str, str], *, timeout_s: float = 60) -> dict[str, Any]:
-    """Poll a job until it leaves processing (503 answers while a service is down are skipped)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        resp = client.get(url, headers=headers)
-        if resp.status_code == 200 and resp.json()["status"] != "processing":
-            body: dict[str, Any] = resp.json()
-            return body
-        assert resp.status_code in (200, 503), resp.text
-        time.sleep(0.1)
-    raise AssertionError(f"{url} still processing after {timeout_s}s")
-
-
-def score_duplicates(conn: psycopg.Connection[Any]) -> int:
-    """(detection, deer, model, source) pairs logged more than once by the online path."""
-    row = conn.execute(
-        "SELECT count(*) AS n FROM (SELECT 1 FROM reid_similarity_scores WHERE source = 'online'"
-        " GROUP BY detection_id, deer_id, model_version HAVING count(*) > 1) d"
-    ).fetchone()
-    assert row is not None
-    return int(row["n"])
-
-
-class PersistentRedis(PrivateRedis):
-    """A private Redis that keeps its data across a restart (append-only file, fsync on every write)."""
-
-    persistence_args = ("--appendonly", "yes", "--appendfsync", "always")
-
-
-@pytest.fixture
-def persistent_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PersistentRedis]:
-    """A restartable Redis for this test only that survives its own restart with its data."""
-    server = PersistentRedis(tmp_path_factory.mktemp("redis-aof"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @dataclass

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-from typing import Any
+
+from tests.tcp_proxy import LoopbackProxy
 
 
-class LatencyProxy:
+class LatencyProxy(LoopbackProxy):
     """Forwards 127.0.0.1:<port> to Postgres; each chunk the server sends reaches the client ``delay_s`` later."""
 
     def __init__(self, port: int, *, delay_s: float, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
-        self.port = port
+        super().__init__(port, target=target)
         self.delay_s = delay_s
-        self.target = target
-        self.loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self._call(self._start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+        self.listen()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, delay_s: float) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -49,29 +39,11 @@ class LatencyProxy:
             sender.cancel()
             writer.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update({writer, up_writer})
+    async def _relay(
+        self,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
         await asyncio.gather(
-            self._pipe(reader, up_writer, delay_s=0.0), self._pipe(up_reader, writer, delay_s=self.delay_s)
+            self._pipe(client[0], upstream[1], delay_s=0.0), self._pipe(upstream[0], client[1], delay_s=self.delay_s)
         )
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    def close(self) -> None:
-        """Stop the proxy and its thread."""
-        self._call(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)

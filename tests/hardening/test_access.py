@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from tests import factories
-from tests.hardening.conftest import SiteData, export_body, make_site, wait_final
+from tests.hardening.conftest import SiteData, make_site
+from tests.helpers import export_body, wait_final
 from tests.waiting import sessions_waiting_on_locks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ def two_sites(serve_url: str, db: psycopg.Connection[Any], tmp_path: Path) -> Tw
     with httpx.Client(base_url=serve_url, timeout=60) as client:
         resp = client.post("/api/exports", json=export_body("csv"), headers=b.headers())
         assert resp.status_code == 202, resp.text
-        wait_final(client, resp.headers["location"], b.headers())
+        wait_final(client, resp.headers["location"], b.headers(), unavailable_ok=True)
     return TwoSites(a, b, resp.json()["id"])
 
 

@@ -29,16 +29,9 @@ from ray import serve
 from serve_app.exports import scripts
 from serve_app.store.db import connect
 from tests import factories
-from tests.hardening.conftest import (
-    Deployed,
-    PersistentRedis,
-    PgHandle,
-    auth,
-    export_body,
-    make_site,
-    score_duplicates,
-    wait_final,
-)
+from tests.fixtures.private_services import PrivateRedis
+from tests.hardening.conftest import Deployed, PgHandle, make_site
+from tests.helpers import auth, export_body, score_duplicates, wait_final
 
 PROBLEM = "application/problem+json"
 FORMATS = ("csv", "parquet", "json", "camtrap-dp")
@@ -94,7 +87,7 @@ def test_redis_restart_answers_503_while_down_and_in_flight_exports_end(
     deploy: Callable[..., Deployed],
     database_url: str,
     db: psycopg.Connection[Any],
-    persistent_redis: PersistentRedis,
+    persistent_redis: PrivateRedis,
 ) -> None:
     app = deploy(
         "fault-redis",
@@ -126,7 +119,7 @@ def test_redis_restart_answers_503_while_down_and_in_flight_exports_end(
         time.sleep(2.0)
         persistent_redis.start()
 
-        finals = [wait_final(client, f"/api/exports/{j}", key, timeout_s=60) for j in ids]
+        finals = [wait_final(client, f"/api/exports/{j}", key, timeout_s=60, unavailable_ok=True) for j in ids]
     assert {f["status"] for f in finals} <= {"completed", "failed"}
     for job in finals:
         one_line_error(job)
@@ -141,7 +134,7 @@ def test_redis_restart_answers_503_while_down_and_in_flight_exports_end(
         # And the service is whole again: a new export completes.
         resp = client.post("/api/exports", json=export_body("csv"), headers=key)
         assert resp.status_code == 202
-        assert wait_final(client, resp.headers["location"], key)["status"] == "completed"
+        assert wait_final(client, resp.headers["location"], key, unavailable_ok=True)["status"] == "completed"
     jobs_redis.close()
 
 
@@ -217,7 +210,7 @@ def test_postgres_restart_during_identifications_and_exports(
         for f in futures:
             f.result()
         assert_problem(down_export, 503)
-        finals = [wait_final(client, f"/api/exports/{j}", key, timeout_s=60) for j in ids + more]
+        finals = [wait_final(client, f"/api/exports/{j}", key, timeout_s=60, unavailable_ok=True) for j in ids + more]
         after = client.post("/api/detections", json=site.body(uris[1]), headers=key)
     assert after.status_code == 201, after.text
     answered = check_identifications(responses)
@@ -234,7 +227,7 @@ def test_postgres_restart_during_identifications_and_exports(
         assert stored is not None and stored["n"] == len(answered)
         expected = len(answered) * len(site.deer)
         assert wait_score_rows(conn, answered, expected) == expected
-        assert score_duplicates(conn) == 0
+        assert score_duplicates(conn, source="online") == 0
 
 
 def replica_pids(app_name: str, *, calls: int = 12) -> set[int]:
@@ -277,7 +270,7 @@ def test_reid_replica_killed_under_load_is_replaced_without_duplicate_scores(
     assert len(now) == 2 and victim not in now, f"Serve did not replace replica {victim}: {now}"
     stored = db.execute("SELECT count(*) AS n FROM detections WHERE id = ANY(%s)", (answered,)).fetchone()
     assert stored is not None and stored["n"] == len(answered)  # every answered detection was kept
-    assert score_duplicates(db) == 0
+    assert score_duplicates(db, source="online") == 0
     expected = len(answered) * len(site.deer)
     rows = wait_score_rows(db, answered, expected, timeout_s=10)
     # Score rows commit with their detections, so an answered identification never leaves rows behind
@@ -322,7 +315,7 @@ def test_unwritable_or_full_export_directory_fails_the_job_with_a_clear_message(
         def run(fmt: str) -> dict[str, Any]:
             resp = client.post("/api/exports", json=export_body(fmt), headers=key)
             assert resp.status_code == 202, resp.text
-            return wait_final(client, resp.headers["location"], key)
+            return wait_final(client, resp.headers["location"], key, unavailable_ok=True)
 
         export_dir.write_text("a file where the export folder should be")
         outcomes["not a directory"] = run("csv")

@@ -1,14 +1,12 @@
-"""Export test helpers: a small sighting dataset, polling, and extra Serve apps with tuned settings."""
+"""Export test helpers: a small sighting dataset, the direct count its summaries add up to, and extra Serve apps."""
 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from ray import serve
@@ -73,35 +71,6 @@ def sql_detections(conn: psycopg.Connection[Any], *, start: dt.date, end: dt.dat
     ).fetchone()
     assert row is not None
     return int(row["n"])
-
-
-def auth(key: str) -> dict[str, str]:
-    """The Authorization header for a key."""
-    return {"Authorization": f"Bearer {key}"}
-
-
-def request_body(fmt: str = "csv", *, days: int = 30, group_by: str = "week", **extra: Any) -> dict[str, Any]:
-    """A valid export body ending today."""
-    return {
-        "start_date": (TODAY - dt.timedelta(days=days)).isoformat(),
-        "end_date": TODAY.isoformat(),
-        "group_by": group_by,
-        "format": fmt,
-        **extra,
-    }
-
-
-def wait_final(client: httpx.Client, url: str, headers: dict[str, str], *, timeout_s: float = 60) -> dict[str, Any]:
-    """Poll a job until it leaves processing; returns its final body."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        resp = client.get(url, headers=headers)
-        assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        if body["status"] != "processing":
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"{url} still processing after {timeout_s}s")
 
 
 @pytest.fixture

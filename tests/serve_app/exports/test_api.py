@@ -19,7 +19,8 @@ import redis
 
 from serve_app.exports import scripts
 from tests import factories
-from tests.serve_app.exports.conftest import TODAY, Dataset, auth, request_body, sql_detections, wait_final
+from tests.helpers import auth, export_body, wait_final
+from tests.serve_app.exports.conftest import TODAY, Dataset, sql_detections
 from tests.waiting import sessions_waiting_on_locks, wait_until
 
 TOMORROW = TODAY + dt.timedelta(days=1)
@@ -55,7 +56,7 @@ def test_post_poll_download_delete_for_every_format(
     key = factories.api_key(db)
     headers = auth(key)
     with httpx.Client(base_url=serve_url, timeout=30) as client:
-        resp = client.post("/api/exports", json=request_body(fmt, site_ids=[dataset.sites[1]]), headers=headers)
+        resp = client.post("/api/exports", json=export_body(fmt, site_ids=[dataset.sites[1]]), headers=headers)
         assert resp.status_code == 202, resp.text
         created = resp.json()
         assert created["status"] == "processing"
@@ -84,17 +85,17 @@ def test_post_poll_download_delete_for_every_format(
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (request_body(start_date=TODAY.isoformat(), end_date=TODAY.isoformat()), {("VR-001", "end_date")}),
+        (export_body(start_date=TODAY.isoformat(), end_date=TODAY.isoformat()), {("VR-001", "end_date")}),
         (
-            request_body(start_date=(TODAY - dt.timedelta(days=366)).isoformat()),
+            export_body(start_date=(TODAY - dt.timedelta(days=366)).isoformat()),
             {("VR-002", "end_date")},
         ),
-        (request_body(group_by="fortnight"), {("VR-003", "group_by")}),
+        (export_body(group_by="fortnight"), {("VR-003", "group_by")}),
         (
-            request_body(start_date=TOMORROW.isoformat(), end_date=(TOMORROW + dt.timedelta(days=1)).isoformat()),
+            export_body(start_date=TOMORROW.isoformat(), end_date=(TOMORROW + dt.timedelta(days=1)).isoformat()),
             {("VR-004", "start_date"), ("VR-005", "end_date")},
         ),
-        (request_body(end_date=TOMORROW.isoformat()), {("VR-005", "end_date")}),
+        (export_body(end_date=TOMORROW.isoformat()), {("VR-005", "end_date")}),
         (
             {"start_date": "2024-02-30", "end_date": TODAY.isoformat(), "group_by": "year", "colour": "red"},
             {
@@ -104,7 +105,7 @@ def test_post_poll_download_delete_for_every_format(
                 ("missing_field", "format"),
             },
         ),
-        (request_body(site_ids=[987654]), {("site_access", "site_ids")}),
+        (export_body(site_ids=[987654]), {("site_access", "site_ids")}),
     ],
 )
 def test_invalid_requests_are_rejected_with_every_rule_and_no_job(
@@ -127,7 +128,7 @@ def test_within_the_boundaries_is_accepted(
     serve_url: str, db: psycopg.Connection[Any], redis_client: redis.Redis
 ) -> None:
     key = factories.api_key(db)
-    body = request_body(start_date=(TODAY - dt.timedelta(days=365)).isoformat(), group_by="month")
+    body = export_body(start_date=(TODAY - dt.timedelta(days=365)).isoformat(), group_by="month")
     resp = httpx.post(serve_url + "/api/exports", json=body, headers=auth(key), timeout=30)
     assert resp.status_code == 202, resp.text
     malformed = httpx.post(serve_url + "/api/exports", content=b"{not json", headers=auth(key), timeout=30)
@@ -141,11 +142,11 @@ def test_keys_see_only_their_own_jobs_and_sites(
     owner = auth(factories.api_key(db, sites=[dataset.sites[0]]))
     other = auth(factories.api_key(db))
     with httpx.Client(base_url=serve_url, timeout=30) as client:
-        assert client.post("/api/exports", json=request_body()).status_code == 401
-        assert client.post("/api/exports", json=request_body(), headers=auth("tcr_nope")).status_code == 401
-        denied = client.post("/api/exports", json=request_body(site_ids=[dataset.sites[1]]), headers=owner)
+        assert client.post("/api/exports", json=export_body()).status_code == 401
+        assert client.post("/api/exports", json=export_body(), headers=auth("tcr_nope")).status_code == 401
+        denied = client.post("/api/exports", json=export_body(site_ids=[dataset.sites[1]]), headers=owner)
         assert denied.status_code == 400 and denied.json()["errors"][0]["rule"] == "site_access"
-        resp = client.post("/api/exports", json=request_body("csv"), headers=owner)
+        resp = client.post("/api/exports", json=export_body("csv"), headers=owner)
         url = resp.headers["location"]
         final = wait_final(client, url, owner)
         assert final["params"]["site_ids"] == [dataset.sites[0]]
@@ -166,12 +167,12 @@ def test_idempotency_key_replays_the_job_or_answers_422(
 ) -> None:
     key = auth(factories.api_key(db))
     with httpx.Client(base_url=serve_url, timeout=30) as client:
-        first = client.post("/api/exports", json=request_body(), headers={**key, "Idempotency-Key": "abc"})
-        again = client.post("/api/exports", json=request_body(), headers={**key, "Idempotency-Key": "abc"})
+        first = client.post("/api/exports", json=export_body(), headers={**key, "Idempotency-Key": "abc"})
+        again = client.post("/api/exports", json=export_body(), headers={**key, "Idempotency-Key": "abc"})
         assert first.status_code == again.status_code == 202
         assert first.json()["id"] == again.json()["id"]
         assert len(job_keys(redis_client)) == 1
-        clash = client.post("/api/exports", json=request_body("json"), headers={**key, "Idempotency-Key": "abc"})
+        clash = client.post("/api/exports", json=export_body("json"), headers={**key, "Idempotency-Key": "abc"})
         assert clash.status_code == 422
         assert clash.headers["content-type"].startswith("application/problem+json")
         assert len(job_keys(redis_client)) == 1
@@ -183,7 +184,7 @@ def test_delete_cancels_a_running_job_and_leaves_no_file(
     key = auth(factories.api_key(db))
     with psycopg.connect(database_url) as blocker, httpx.Client(base_url=serve_url, timeout=30) as client:
         blocker.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")  # holds the runner mid-query
-        resp = client.post("/api/exports", json=request_body("camtrap-dp"), headers=key)
+        resp = client.post("/api/exports", json=export_body("camtrap-dp"), headers=key)
         url = resp.headers["location"]
         job_key = scripts.job_key(resp.json()["id"])
         file_uri = redis_client.hget(job_key, "file_uri")

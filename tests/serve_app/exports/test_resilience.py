@@ -19,7 +19,8 @@ import redis
 
 from serve_app.exports import scripts
 from tests import factories
-from tests.serve_app.exports.conftest import auth, make_dataset, request_body, wait_final
+from tests.helpers import auth, export_body, wait_final
+from tests.serve_app.exports.conftest import make_dataset
 
 
 def wait_until(condition: Callable[[], bool], *, what: str, timeout_s: float = 30) -> None:
@@ -38,9 +39,9 @@ def test_status_expires_after_the_ttl_and_updates_keep_it(
     make_dataset(db, days=3)
     key = auth(factories.api_key(db))
     with httpx.Client(base_url=serve_url, timeout=30) as warm:  # start Ray workers before the TTL clock runs
-        wait_final(warm, warm.post("/api/exports", json=request_body(), headers=key).headers["location"], key)
+        wait_final(warm, warm.post("/api/exports", json=export_body(), headers=key).headers["location"], key)
     with httpx.Client(base_url=url, timeout=30) as client:
-        resp = client.post("/api/exports", json=request_body(), headers=key)
+        resp = client.post("/api/exports", json=export_body(), headers=key)
         assert resp.status_code == 202
         status_url = "/api/exports/" + resp.json()["id"]
         job_key = scripts.job_key(resp.json()["id"])
@@ -69,7 +70,7 @@ def test_sigkill_of_the_runner_ends_failed_without_a_reader(
     key = auth(factories.api_key(db))
     with psycopg.connect(database_url) as blocker, httpx.Client(base_url=url, timeout=30) as client:
         blocker.execute("LOCK TABLE detections IN ACCESS EXCLUSIVE MODE")  # the runner blocks mid-job
-        resp = client.post("/api/exports", json=request_body("parquet"), headers=key)
+        resp = client.post("/api/exports", json=export_body("parquet"), headers=key)
         job_key = scripts.job_key(resp.json()["id"])
         wait_until(lambda: bool(redis_client.hget(job_key, "worker_pid")), what="the runner started")
         pid = int(redis_client.hget(job_key, "worker_pid") or 0)
@@ -100,7 +101,7 @@ def test_delete_racing_completion_never_leaves_a_job_or_file(
 
     def race(delay: float) -> tuple[str, str, int]:
         with httpx.Client(base_url=serve_url, timeout=30) as client:
-            resp = client.post("/api/exports", json=request_body(rng.choice(["csv", "camtrap-dp"])), headers=key)
+            resp = client.post("/api/exports", json=export_body(rng.choice(["csv", "camtrap-dp"])), headers=key)
             job_id = resp.json()["id"]
             file_uri = redis_client.hget(scripts.job_key(job_id), "file_uri") or ""
             time.sleep(delay)
@@ -129,7 +130,7 @@ async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         posts = await asyncio.gather(
             *(
-                client.post("/api/exports", json=request_body(["csv", "json", "parquet"][i % 3]), headers=key)
+                client.post("/api/exports", json=export_body(["csv", "json", "parquet"][i % 3]), headers=key)
                 for i in range(count)
             )
         )

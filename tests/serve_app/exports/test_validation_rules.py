@@ -16,16 +16,12 @@ from serve_app.exports.validation import validate_export_request
 from serve_app.keys import Principal
 from tests import factories
 from tests.fixtures.ray_cluster import app_settings
+from tests.helpers import export_body
 
 TODAY = dt.datetime.now(dt.UTC).date()
 PROBLEM = "application/problem+json"
 MISSING_SITE = 987_654_321
 ALL = Principal(key_id=1, all_sites=True)
-
-
-def export_body(**extra: Any) -> dict[str, Any]:
-    start = TODAY - dt.timedelta(days=10)
-    return {"start_date": str(start), "end_date": str(TODAY), "group_by": "week", "format": "csv", **extra}
 
 
 async def _send(app: Any, requests: list[dict[str, Any]]) -> list[httpx.Response]:
@@ -62,7 +58,7 @@ def test_unknown_sites_and_a_bad_idempotency_key_are_listed_with_every_other_fai
         start_date=str(TODAY), end_date=str(TODAY - dt.timedelta(days=3)), group_by="year", colour="red"
     )
     broken["site_ids"] = [site, MISSING_SITE]
-    only_sites_and_header = export_body(site_ids=[MISSING_SITE])
+    only_sites_and_header = export_body(days=10, site_ids=[MISSING_SITE])
     many, two = send(
         settings,
         [
@@ -87,7 +83,7 @@ def test_unknown_sites_and_a_bad_idempotency_key_are_listed_with_every_other_fai
 
 
 def test_the_validator_reports_unknown_sites_and_the_idempotency_key_with_the_rest() -> None:
-    body = export_body(group_by="hour", site_ids=[1, 2])
+    body = export_body(days=10, group_by="hour", site_ids=[1, 2])
     _, errors = validate_export_request(
         body, principal=ALL, today=TODAY, unknown_site_ids=[2], idempotency_key="x" * 256
     )
@@ -119,7 +115,7 @@ def test_the_same_mistake_has_the_same_rule_name_on_every_route(
 
     cases: list[tuple[dict[str, Any], tuple[str, str]]] = [
         # An unknown field is unknown_field everywhere.
-        (post("/api/exports", json=export_body(colour="red")), ("unknown_field", "colour")),
+        (post("/api/exports", json=export_body(days=10, colour="red")), ("unknown_field", "colour")),
         (post("/api/detections", json={**detection, "colour": "red"}), ("unknown_field", "colour")),
         (
             post("/api/detections/batch", json={"detections": [{**detection, "colour": "red"}]}),
@@ -128,7 +124,7 @@ def test_the_same_mistake_has_the_same_rule_name_on_every_route(
         (post("/api/detections", data={**form, "colour": "red"}, files=image), ("unknown_field", "colour")),
         # A missing field is missing_field everywhere.
         (
-            post("/api/exports", json={k: v for k, v in export_body().items() if k != "format"}),
+            post("/api/exports", json={k: v for k, v in export_body(days=10).items() if k != "format"}),
             ("missing_field", "format"),
         ),
         (post("/api/detections", json=no_camera), ("missing_field", "camera_id")),

@@ -9,8 +9,9 @@ reaches the client; ``lost_before`` drops the connection without forwarding it (
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any, Literal
+from typing import Literal
+
+from tests.tcp_proxy import LoopbackProxy
 
 CommitFault = Literal["lost_after", "lost_before", "stall"]
 
@@ -26,23 +27,14 @@ class _Link:
         self.fault: CommitFault | None = None
 
 
-class PgProxy:
+class PgProxy(LoopbackProxy):
     """Forwards 127.0.0.1:<port> to the real Postgres; ``cut()`` closes every connection and refuses new ones."""
 
     def __init__(self, port: int, *, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
-        self.port = port
-        self.target = target
-        self.loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        super().__init__(port, target=target)
         self._commit_faults: list[CommitFault] = []
         self.commit_faults_done = 0
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
         self.restore()
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
     async def _client_to_server(self, reader: asyncio.StreamReader, link: _Link) -> None:
         try:
@@ -78,44 +70,21 @@ class PgProxy:
         finally:
             link.client.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update({writer, up_writer})
-        link = _Link(writer, up_writer)
-        await asyncio.gather(self._client_to_server(reader, link), self._server_to_client(up_reader, link))
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in list(self._writers):
-            w.close()
-        self._writers.clear()
+    async def _relay(
+        self,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
+        link = _Link(client[1], upstream[1])
+        await asyncio.gather(self._client_to_server(client[0], link), self._server_to_client(upstream[0], link))
 
     async def _add_fault(self, fault: CommitFault) -> None:
         self._commit_faults.append(fault)
 
     def restore(self) -> None:
         """Accept and forward connections again."""
-        self._call(self._start())
-
-    def cut(self) -> None:
-        """Close every proxied connection and stop listening."""
-        self._call(self._stop())
+        self.listen()
 
     def break_next_commit(self, fault: CommitFault) -> None:
         """Break the next COMMIT any client sends through the proxy (``commit_faults_done`` counts those done)."""
         self._call(self._add_fault(fault))
-
-    def close(self) -> None:
-        """Stop the proxy and its thread."""
-        self.cut()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)

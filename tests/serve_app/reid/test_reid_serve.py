@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psycopg
 import pytest
 from PIL import Image
@@ -25,6 +24,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from tests import factories
 from tests.fixtures.ray_cluster import app_settings, free_port, wait_ready
+from tests.helpers import auth, write_jpeg
 from tests.serve_app.reid.pgproxy import PgProxy
 from tests.waiting import wait_until
 
@@ -33,14 +33,6 @@ CAPTURED = dt.datetime(2024, 5, 1, 6, 30, tzinfo=dt.UTC)  # the gallery images' 
 BBOX = {"x": 0.2, "y": 0.2, "w": 0.5, "h": 0.6}
 MAX_BUFFERED = 40
 REFRESH_S = 0.5
-
-
-def write_jpeg(root: Path, rel: str, seed: int, size: tuple[int, int] = (320, 240)) -> str:
-    rng = np.random.default_rng(seed)
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
-    return rel
 
 
 def app_config(settings: dict[str, Any], *, user_config: dict[str, Any] | None = None) -> ServeDeploySchema:
@@ -144,7 +136,7 @@ class Site:
             self.uris.append(uri)
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
+        return auth(self.key)
 
     def body(self, uri: str) -> dict[str, Any]:
         return {"image_uri": uri, "camera_id": self.camera, "captured_at": "2024-05-01T06:30:00Z", "bbox": BBOX}
