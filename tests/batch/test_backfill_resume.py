@@ -22,7 +22,8 @@ from batch.runs import RunLocked
 from serve_app.config import Settings
 from serve_app.store.db import connect
 from tests.batch.conftest import Demo, small_options
-from tests.batch.test_backfill import duplicates, expected_rows
+from tests.batch.test_backfill import expected_rows
+from tests.helpers import score_duplicates
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 120
@@ -97,7 +98,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(demo: Demo, fresh: psycop
     result = run_backfill(None, settings=demo.settings, resume=run_id)
     assert result.state == "completed" and result.run_id == run_id
     assert result.total < run["total"]  # only what was left
-    assert duplicates(fresh) == 0
+    assert score_duplicates(fresh) == 0
     total_rows = fresh.execute("SELECT count(*) AS n FROM reid_similarity_scores WHERE run_id = %s", (run_id,))
     assert total_rows.fetchone()["n"] == expected_rows(fresh)
     gaps = fresh.execute(
