@@ -129,30 +129,35 @@ class Progress(threading.Thread):
 
 
 def plan(
+    conn: SyncConn,
     options: BackfillOptions | None,
     *,
     settings: Settings,
     dry_run: bool = False,
     resume: uuid.UUID | None = None,
 ) -> Plan:
-    """Read what a run (or a resume: ``options`` then come from the run's row) is to do; writes nothing."""
+    """Read what a run (or a resume: ``options`` then come from the run's row) is to do; writes nothing.
+
+    A non-dry resume is planned on the connection that holds the run's lock (``hold``), so the selection is
+    read once, while no other driver writes to the run.
+    """
     ids = (0, runs.MAX_ID)
-    with connect(settings.database_dsn) as conn:
-        if resume is not None:
-            row = runs.load_run(conn, resume)
-            if row is None:
-                raise ValueError(f"no backfill run {resume}")
-            options = BackfillOptions.from_json(dict(row["parameters"]))
-            ids = (int(row["parameters"]["id_min"]), int(row["parameters"]["id_max"]))
-        if options is None:
-            raise ValueError("a new run needs options")
-        run_id = None if dry_run else (resume or uuid.uuid4())
-        # A resume (dry or not) reads only the run's detections that have no rows yet.
-        selection = Selection(model_version(options), resume or run_id, options.mode, options.sites, options.since,
-                              options.until, *ids)  # fmt: skip
-        lo, hi, total = runs.bounds(conn, selection, limit=options.limit if resume is None else None)
-        selection = dataclasses.replace(selection, id_min=lo, id_max=hi)  # a --limit run's sites are its own
-        sites = runs.selection_sites(conn, selection) if total else []
+    if resume is not None:
+        row = runs.load_run(conn, resume)
+        if row is None:
+            raise ValueError(f"no backfill run {resume}")
+        options = BackfillOptions.from_json(dict(row["parameters"]))
+        ids = (int(row["parameters"]["id_min"]), int(row["parameters"]["id_max"]))
+    if options is None:
+        raise ValueError("a new run needs options")
+    run_id = None if dry_run else (resume or uuid.uuid4())
+    # A resume (dry or not) reads only the run's detections that have no rows yet; a new run has none.
+    selection = Selection(model_version(options), resume, options.mode, options.sites, options.since,
+                          options.until, *ids)  # fmt: skip
+    lo, hi, total = runs.bounds(conn, selection, limit=options.limit if resume is None else None)
+    # The read tasks skip what this run already wrote; a --limit run's sites are its own.
+    selection = dataclasses.replace(selection, run_id=run_id or resume, id_min=lo, id_max=hi)
+    sites = runs.selection_sites(conn, selection) if total else []
     return Plan(
         dsn=settings.database_dsn,
         image_root=Path(settings.image_root).resolve(),  # tasks on other nodes need an absolute path
@@ -166,11 +171,16 @@ def plan(
     )
 
 
+def hold(conn: SyncConn, run_id: uuid.UUID) -> None:
+    """Take the run's lock for this driver's session before anything is read, or refuse (RunLocked)."""
+    if not runs.try_lock_run(conn, run_id):
+        raise RunLocked(f"backfill run {run_id} is being resumed by another driver; nothing was changed")
+
+
 def claim(conn: SyncConn, plan: Plan, run_id: uuid.UUID) -> None:
-    """Hold the run for this driver: a new run's row, or a resumed run's lock and recounted row."""
+    """Hold the run for this driver: a new run's row and lock, or a resumed run's recounted row (its lock is
+    already held on ``conn``: ``hold``)."""
     if plan.resumed:
-        if not runs.try_lock_run(conn, run_id):
-            raise RunLocked(f"backfill run {run_id} is being resumed by another driver; nothing was changed")
         runs.mark_resumed(conn, run_id)
         return
     parameters = {**plan.options.as_json(), "id_min": plan.selection.id_min, "id_max": plan.selection.id_max,
@@ -201,40 +211,45 @@ def score(plan: Plan, *, actors: int | None, cpu_threads: int) -> tuple[BlockCou
 
 
 def execute(
-    plan: Plan, *, actors: int | None = None, cpu_threads: int = 0, progress_interval_s: float = PROGRESS_INTERVAL_S
+    conn: SyncConn,
+    plan: Plan,
+    *,
+    actors: int | None = None,
+    cpu_threads: int = 0,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> RunResult:
-    """Claim the run, score its ranges and record how it ended (a dry run only computes)."""
+    """Claim the run, score its ranges and record how it ended (a dry run only computes); ``conn`` is the one
+    the plan was read on (for a resume, the one holding the run's lock)."""
     run_id = plan.run_id
-    with connect(plan.dsn) as conn:
+    if run_id is not None:
+        claim(conn, plan, run_id)
+    if plan.options.spec.random_weights:
+        logger.warning("model %s has RANDOM weights: its scores carry no identity information", plan.model_version)
+    logger.info(
+        "backfill %s: model %s, %d detections to score in sites %s%s", run_id or "(dry run)", plan.model_version,
+        plan.total, list(plan.sites), f"; resume with --resume {run_id}" if run_id else "",
+    )  # fmt: skip
+    result = RunResult(run_id=run_id, model_version=plan.model_version, state="completed", total=plan.total)
+    start = time.monotonic()
+    progress = Progress(plan.dsn, run_id, interval_s=progress_interval_s) if run_id and plan.ranges else None
+    if progress:
+        progress.start()
+    try:
+        if plan.ranges:
+            counts, result.dry_run = score(plan, actors=actors, cpu_threads=cpu_threads)
+            result.add(counts)
+    except BaseException as exc:
+        result.state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         if run_id is not None:
-            claim(conn, plan, run_id)
-        if plan.options.spec.random_weights:
-            logger.warning("model %s has RANDOM weights: its scores carry no identity information", plan.model_version)
-        logger.info(
-            "backfill %s: model %s, %d detections to score in sites %s%s", run_id or "(dry run)", plan.model_version,
-            plan.total, list(plan.sites), f"; resume with --resume {run_id}" if run_id else "",
-        )  # fmt: skip
-        result = RunResult(run_id=run_id, model_version=plan.model_version, state="completed", total=plan.total)
-        start = time.monotonic()
-        progress = Progress(plan.dsn, run_id, interval_s=progress_interval_s) if run_id and plan.ranges else None
+            runs.finish_run(conn, run_id, state=result.state, error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    finally:
         if progress:
-            progress.start()
-        try:
-            if plan.ranges:
-                counts, result.dry_run = score(plan, actors=actors, cpu_threads=cpu_threads)
-                result.add(counts)
-        except BaseException as exc:
-            result.state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            if run_id is not None:
-                runs.finish_run(conn, run_id, state=result.state, error=f"{type(exc).__name__}: {exc}"[:2000])
-            raise
-        finally:
-            if progress:
-                progress.stopped.set()
-        result.elapsed_s = time.monotonic() - start
-        result.state, result.error = outcome(conn, result)
-        if run_id is not None:
-            runs.finish_run(conn, run_id, state=result.state, error=result.error)
+            progress.stopped.set()
+    result.elapsed_s = time.monotonic() - start
+    result.state, result.error = outcome(conn, result)
+    if run_id is not None:
+        runs.finish_run(conn, run_id, state=result.state, error=result.error)
     return result
 
 
@@ -252,8 +267,11 @@ def run_backfill(
 
     A dry run reads and computes only: no row, lock, counter or embedding is written, resume included.
     """
-    planned = plan(options, settings=settings, dry_run=dry_run, resume=resume)
-    return execute(planned, actors=actors, cpu_threads=cpu_threads, progress_interval_s=progress_interval_s)
+    with connect(settings.database_dsn) as conn:
+        if resume is not None and not dry_run:
+            hold(conn, resume)
+        planned = plan(conn, options, settings=settings, dry_run=dry_run, resume=resume)
+        return execute(conn, planned, actors=actors, cpu_threads=cpu_threads, progress_interval_s=progress_interval_s)
 
 
 def outcome(conn: SyncConn, result: RunResult) -> tuple[str, str | None]:
@@ -261,8 +279,8 @@ def outcome(conn: SyncConn, result: RunResult) -> tuple[str, str | None]:
     scored = result.detections
     if result.run_id is not None:
         row = runs.load_run(conn, result.run_id)
-        # This driver inserted (or loaded) the row and holds its lock; nothing deletes backfill_runs rows.
-        assert row is not None
+        if row is None:  # this driver inserted (or loaded) the row and holds its lock; nothing deletes runs
+            raise RuntimeError(f"backfill run {result.run_id} disappeared while it ran")
         scored = int(row["done"])  # a resumed run counts what its earlier passes scored too
     if result.failed and not scored:
         return "failed", (

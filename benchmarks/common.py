@@ -94,7 +94,6 @@ def bench_settings(**extra: Any) -> dict[str, Any]:
     return {
         "database_url": with_database(base.database_dsn, BENCH_DB),
         "redis_url": base.redis_dsn.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}",
-        "data_dir": str(data),
         "image_root": str(ROOT / ".data" / "images"),
         "export_dir": str(data / "exports"),
         **extra,

@@ -329,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         **base,
         "database_url": with_database(str(base["database_url"]), SOAK_DB),
         "redis_url": str(base["redis_url"]).rsplit("/", 1)[0] + f"/{SOAK_REDIS_DB}",
-        "data_dir": str(ROOT / ".data" / "soak"),
         "image_root": str(ROOT / ".data" / "soak" / "images"),
         "export_dir": str(ROOT / ".data" / "soak" / "exports"),
         "export_status_ttl_s": 3600,

@@ -19,7 +19,7 @@ from serve_app.api.problems import COMMON_RESPONSES, install_problem_handlers
 from serve_app.config import Settings
 from serve_app.exports import metrics as export_metrics
 from serve_app.exports.task import RAY_METRICS, RayExportQueue
-from serve_app.reid.deployment import ReIDHandle
+from serve_app.reid.handle import ReIDHandle
 from serve_app.resources import Resources
 
 logger = logging.getLogger(__name__)

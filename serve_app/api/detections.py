@@ -184,7 +184,10 @@ async def identify(reid: ReIDService, items: list[IdentifyRequest]) -> list[Iden
         ]
         problem.extra = {"stored": stored} if stored else {}
         raise problem
-    return [r for r in results if isinstance(r, Identification)]  # no conflict is left
+    identified = [r for r in results if isinstance(r, Identification)]
+    if len(identified) != len(results):
+        raise TypeError(f"the ReID service answered {sorted({type(r).__name__ for r in results})}")
+    return identified
 
 
 UPLOAD_FIELDS = ("image", "camera_id", "captured_at", "bbox")

@@ -203,9 +203,12 @@ async def create_export(
     if outcome == "created":
         try:
             await queue.submit(job.id, params=job.params)
-        except Exception:
+        except Exception as exc:
             await state.store.fail(job.id, error="could not start the export task")
-            raise
+            if isinstance(exc, ServiceUnavailable):
+                raise
+            logger.warning("cannot start export %s: %r", job.id, exc)
+            raise ServiceUnavailable("export queue", "cannot start the export task") from exc
     return _view(job, 202, {"Location": f"/api/exports/{job.id}"})
 
 

@@ -23,7 +23,8 @@ request but an image upload: `TRAILCAM_MAX_JSON_BODY_BYTES`) or `upload-too-larg
 **Errors.** Every error answer is RFC 9457 `application/problem+json` with a stable `type` and `code`.
 A body that fails validation answers 400 listing every failure as `{"rule", "field", "detail"}`, with
 the rule names every route uses: `unknown_field`, `missing_field`, `malformed_json`, `invalid_value`,
-`format`. A 503 (Redis or Postgres unreachable, a replica lost) carries `Retry-After`.
+`format`. A 503 means a backing service (Redis, Postgres, the model) did not answer: retry later (when it
+carries `Retry-After`, after that many seconds).
 """
 
 _IDENTIFICATION = """\

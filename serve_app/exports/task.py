@@ -62,7 +62,9 @@ class RayExportQueue:
         """Launch the job's task (connecting to or starting Ray on first use)."""
         settings = self._settings
         try:
-            ref = submit_export(
+            # .remote() can block (it connects to or starts Ray on first use): off the event loop.
+            ref = await asyncio.to_thread(
+                submit_export,
                 settings.database_dsn,
                 job_id=job_id,
                 params=params,

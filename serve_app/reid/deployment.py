@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from serve_app.config import Settings
-from serve_app.errors import ImageConflict, ModelUnreachable, TrailcamError
+from serve_app.errors import ImageConflict
 from serve_app.reid import metrics
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
 from serve_app.reid.embedder import Embedder, ModelSpec
+from serve_app.reid.handle import DEPLOYMENT_NAME
 from serve_app.reid.identification import Identification, IdentifyRequest
 from serve_app.reid.identifier import Identifier, IdentifierOptions
 from serve_app.reid.model_spec import RANDOM_WEIGHTS
@@ -28,7 +29,6 @@ from serve_app.store.db import make_pool
 
 logger = logging.getLogger(__name__)
 
-DEPLOYMENT_NAME = "ReID"
 MAX_ONGOING_REQUESTS = 64
 """Requests a replica holds at once unless the args say otherwise (>= the batch size, so batches fill)."""
 MAX_BATCH_SIZE = 32
@@ -202,43 +202,6 @@ class ReIDDeployment:
     async def __del__(self) -> None:
         await self.buffer.close()
         await self.pool.close()
-
-
-class ReIDHandle:
-    """The ReID deployment of a Serve application as the ingress's routes call it (serve_app.api.deps.ReIDService).
-
-    The handle is looked up by name on first use; Ray's wrapping of a replica's exception is undone here, so
-    routes see the domain error the replica raised.
-    """
-
-    def __init__(self, app_name: str) -> None:
-        self._app_name = app_name
-        self._handle: Any = None
-
-    def _deployment(self) -> Any:
-        if self._handle is None:
-            try:
-                self._handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self._app_name)
-            except Exception as exc:
-                raise ModelUnreachable(f"the ReID deployment is not reachable: {exc}") from exc
-        return self._handle
-
-    async def identify(self, item: IdentifyRequest) -> Identification | ImageConflict:
-        """One crop, batched with other callers' crops by the replica."""
-        handle = self._deployment()
-        try:
-            result: Identification | ImageConflict = await handle.identify.remote(item)
-        except TrailcamError as exc:
-            # Ray re-raises a replica's exception as a subclass of its type; the original is its ``cause``.
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, BaseException):
-                raise cause from exc
-            raise
-        return result
-
-    async def ready(self) -> Any:
-        """The loaded model's version (fails while no replica has loaded it)."""
-        return await self._deployment().ready.remote()
 
 
 def reid_deployment(args: ReIDArgs, settings_overrides: dict[str, Any]) -> serve.Application:

@@ -12,10 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psycopg
 import pytest
-from PIL import Image
 
 from batch.camtrap_validation import PackageRejected, validate_package
 from batch.import_camtrap_dp import main
@@ -23,6 +21,7 @@ from serve_app.config import get_settings
 from serve_app.exports.camtrap import write_package
 from serve_app.store.db import connect
 from tests import factories
+from tests.helpers import write_jpeg
 
 WHEN = dt.datetime(2026, 3, 14, 6, 30, tzinfo=dt.UTC)
 
@@ -34,18 +33,9 @@ def clone_without_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     clone.mkdir()
     assert not (clone / ".." / "shared").exists()
     monkeypatch.chdir(clone)
-    monkeypatch.setenv("TRAILCAM_CAMTRAP_SCHEMA_DIR", str(tmp_path / "no-such-folder"))
     get_settings.cache_clear()
     yield clone
     get_settings.cache_clear()
-
-
-def _jpeg(root: Path, rel: str, *, seed: int) -> str:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 255, (120, 160, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, quality=90)
-    return rel
 
 
 def _rows(folder: Path, table: str) -> list[dict[str, str]]:
@@ -61,7 +51,7 @@ def test_export_validates_and_imports_again_with_no_shared_folder(
     camera = factories.camera(db, site_id=site)
     doe = factories.deer(db, site_id=site, name="Doe")
     for n in range(3):
-        uri = _jpeg(images, f"north/{n}.jpg", seed=n)
+        uri = write_jpeg(images, f"north/{n}.jpg", seed=n, size=(160, 120))
         image = factories.image(db, camera_id=camera, uri=uri, captured_at=WHEN + dt.timedelta(minutes=n))
         factories.detection(db, image_id=image, deer_id=doe)  # a person's decision
         factories.detection(db, image_id=image, decision="review", top1_similarity=0.41, bbox=(0.5, 0.5, 0.2, 0.3))
