@@ -97,6 +97,8 @@ def running_app(haproxy_env: dict[str, str]) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.mark.slow
