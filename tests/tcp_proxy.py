@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import threading
 from typing import Any
 
 
-class LoopbackProxy:
+class LoopbackProxy(abc.ABC):
     """Forwards 127.0.0.1:<port> to ``target``; subclasses decide what ``_relay`` does with each connection."""
 
     def __init__(self, port: int, *, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
@@ -23,12 +24,13 @@ class LoopbackProxy:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
+    @abc.abstractmethod
     async def _relay(
         self,
         client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     ) -> None:
-        raise NotImplementedError
+        """Carry one connection's bytes between ``client`` and ``upstream`` (with the subclass's faults)."""
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

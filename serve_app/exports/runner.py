@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import redis
 
-from serve_app.config import DEFAULT_SCIENTIFIC_NAME
+from serve_app.config import DEFAULT_SCIENTIFIC_NAME, Settings
 from serve_app.errors import JobGone
 from serve_app.exports import metrics
 from serve_app.exports.camtrap import CamtrapError, write_package
@@ -77,6 +77,16 @@ def _write(conn: psycopg.Connection[Any], sink: Any, *, job_id: str, params: dic
         return write_package(conn, sink, job_id=job_id, params=params, **kw)
     kw.pop("scientific_name", None)
     return write_summary(conn, sink, params=params, **kw)
+
+
+def runner_settings(settings: Settings) -> dict[str, Any]:
+    """``run_export``'s arguments that come from the settings (all but the job and its params)."""
+    return {
+        "redis_url": settings.redis_dsn,
+        "export_dir": settings.export_dir,
+        "lease_s": settings.export_lease_s,
+        "scientific_name": settings.export_scientific_name,
+    }
 
 
 def run_export(

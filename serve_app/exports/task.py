@@ -16,7 +16,7 @@ from ray.util import metrics as ray_metrics
 from serve_app.config import Settings
 from serve_app.errors import ServiceUnavailable
 from serve_app.exports import metrics
-from serve_app.exports.runner import run_export
+from serve_app.exports.runner import run_export, runner_settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,8 @@ class RayExportQueue:
                 settings.database_dsn,
                 job_id=job_id,
                 params=params,
-                redis_url=settings.redis_dsn,
-                export_dir=settings.export_dir,
                 num_cpus=settings.export_task_num_cpus,
-                lease_s=settings.export_lease_s,
-                scientific_name=settings.export_scientific_name,
+                **runner_settings(settings),
             )
         except Exception as exc:
             logger.warning("cannot start export %s: %r", job_id, exc)

@@ -19,7 +19,7 @@ import ray
 from PIL import Image
 
 from serve_app.config import Settings
-from serve_app.exports.runner import run_export
+from serve_app.exports.runner import run_export, runner_settings
 from serve_app.reid.identification import Identification, IdentifyRequest
 from serve_app.reid.preprocessing import BBox, crop_box_px
 from tests import factories
@@ -45,10 +45,7 @@ class ThreadQueue:
                 s.database_dsn,
                 job_id=job_id,
                 params=params,
-                redis_url=s.redis_dsn,
-                export_dir=s.export_dir,
-                lease_s=s.export_lease_s,
-                scientific_name=s.export_scientific_name,
+                **runner_settings(s),
             )
         )
 
