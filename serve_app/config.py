@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="Secret mixed into API-key hashes; must be changed outside development and test.",
     )
     key_cache_s: float = Field(default=5.0, ge=0, description="How long a verified API key is cached, seconds.")
+    export_tracked_max: int = Field(
+        default=10_000, ge=1, description="Most running exports one ingress replica can cancel early on delete."
+    )
+    key_cache_max_entries: int = Field(
+        default=10_000, ge=1, description="Most verified keys, and separately most refused tokens, cached per process."
+    )
     db_pool_max: int = Field(default=8, ge=1, description="Connections per process pool.")
     score_database_url: PostgresDsn | None = Field(
         default=None,

@@ -17,6 +17,7 @@ from serve_app.api.guards import LimitBody, RequireKey
 from serve_app.api.openapi import API_DESCRIPTION, API_TITLE, OPENAPI_TAGS
 from serve_app.api.problems import COMMON_RESPONSES, install_problem_handlers
 from serve_app.config import Settings
+from serve_app.diagnostics import MemoryProbe
 from serve_app.exports import metrics as export_metrics
 from serve_app.exports.task import RAY_METRICS, RayExportQueue
 from serve_app.reid.handle import ReIDHandle
@@ -116,6 +117,11 @@ def ingress_deployment(settings_overrides: Mapping[str, Any] | None = None) -> s
         def __init__(self, *bound: Any) -> None:
             # Bound deployments (ReID) belong to the application; the app reaches it by name (ReIDHandle).
             self.bound = bound
+            self.memory = MemoryProbe()
+
+        def memory_report(self, top: int = 15) -> dict[str, Any]:
+            """What this replica holds and what grew since its first report (serve_app/diagnostics.py)."""
+            return self.memory.report(top=top)
 
     # serve.deployment has already turned the class into a Deployment; mypy sees the class.
     return cast(serve.Deployment, Ingress)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from typing import Any
 
 import psycopg
 
+from serve_app.caching import BoundedCache
 from serve_app.errors import InvalidKey, ServiceUnavailable
 from serve_app.keys import (
     Principal,
@@ -25,8 +24,6 @@ from serve_app.store.keys import KeyRow, keys_by_prefix_async
 
 logger = logging.getLogger(__name__)
 
-CACHE_MAX_ENTRIES = 10_000
-"""Most verified keys, and separately most refused tokens, remembered per process (entries)."""
 REFUSED_CACHE_S = 30.0
 """How long a refused token answers 401 without a query, seconds. Safe: a token only becomes valid by being
 created, and a new key is 256 random bits nobody has sent before; revocation is never delayed by it."""
@@ -40,10 +37,12 @@ class KeyVerifier:
     Tokens that cannot be keys are refused at once. Others wait for the next lookup round: one query
     (``prefix = ANY(...)``) for every token that arrived while the previous round ran, so concurrent
     requests with one key share a lookup and a burst of random tokens costs a few queries on one
-    connection, never the pool. Verified keys are cached ``cache_s`` seconds (bounds revocation delay).
+    connection, never the pool. Verified keys are cached ``cache_s`` seconds (bounds revocation delay), refused
+    tokens REFUSED_CACHE_S; each cache holds at most ``max_entries`` (Settings.key_cache_max_entries), the least
+    recently used going first.
     """
 
-    def __init__(self, pool: Pool, *, pepper: str, cache_s: float) -> None:
+    def __init__(self, pool: Pool, *, pepper: str, cache_s: float, max_entries: int) -> None:
         self.pool = pool
         self.pepper = pepper
         self.cache_s = cache_s
@@ -51,8 +50,12 @@ class KeyVerifier:
         """Lookup queries sent to Postgres (diagnostics)."""
         self.waiting = 0
         """Requests now waiting for a lookup round (diagnostics)."""
-        self._valid: dict[str, tuple[Principal, float]] = {}
-        self._refused: dict[str, float] = {}
+        self.valid: BoundedCache[str, Principal] = BoundedCache(
+            name="api keys verified", max_entries=max_entries, ttl_s=cache_s
+        )
+        self.refused: BoundedCache[str, bool] = BoundedCache(
+            name="api keys refused", max_entries=max_entries, ttl_s=REFUSED_CACHE_S
+        )
         self._next: dict[str, tuple[str, asyncio.Future[Principal | None]]] = {}
         self._running: dict[str, asyncio.Future[Principal | None]] = {}
         self._rounds: asyncio.Task[None] | None = None
@@ -63,11 +66,10 @@ class KeyVerifier:
         if not looks_like_key(token):
             raise InvalidKey(_REFUSED)
         digest = hash_key(token, pepper=self.pepper)
-        now = time.monotonic()
-        valid = self._valid.get(digest)
-        if valid is not None and valid[1] > now:
-            return valid[0]
-        if self._refused.get(digest, 0.0) > now:
+        valid = self.valid.get(digest)
+        if valid is not None:
+            return valid
+        if self.refused.get(digest):
             raise InvalidKey(_REFUSED)
         future = self._running.get(digest) or self._queued(digest, key_prefix(token))
         self.waiting += 1
@@ -118,14 +120,13 @@ class KeyVerifier:
         return await keys_by_prefix_async(self.pool, prefixes=prefixes)
 
     def _answer(self, batch: dict[str, tuple[str, asyncio.Future[Principal | None]]], rows: list[KeyRow]) -> None:
-        now = time.monotonic()
         for digest, (prefix, future) in batch.items():
             row = matching_row(rows, prefix=prefix, digest=digest)
             principal = principal_from_row(row) if row is not None else None
             if principal is None:
-                _remember(self._refused, digest, now + REFUSED_CACHE_S)
+                self.refused.put(digest, True)
             elif self.cache_s > 0:
-                _remember(self._valid, digest, (principal, now + self.cache_s))
+                self.valid.put(digest, principal)
             _settle(future, result=principal)
 
     async def close(self) -> None:
@@ -134,12 +135,6 @@ class KeyVerifier:
             self._rounds.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rounds
-
-
-def _remember(cache: dict[str, Any], digest: str, value: Any) -> None:
-    if len(cache) >= CACHE_MAX_ENTRIES:
-        cache.clear()  # crude but bounded; the next requests look their keys up again
-    cache[digest] = value
 
 
 def _settle(

@@ -41,7 +41,9 @@ class Resources:
             retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
         )
         pool = make_pool(settings.database_dsn, max_size=settings.db_pool_max)
-        keys = KeyVerifier(pool, pepper=settings.key_pepper, cache_s=settings.key_cache_s)
+        keys = KeyVerifier(
+            pool, pepper=settings.key_pepper, cache_s=settings.key_cache_s, max_entries=settings.key_cache_max_entries
+        )
         return cls(settings=settings, pool=pool, redis=client, keys=keys)
 
     async def open(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from ray.util import metrics as ray_metrics
 
+from serve_app.caching import BoundedCache
 from serve_app.config import Settings
 from serve_app.errors import ServiceUnavailable
 from serve_app.exports import metrics
@@ -36,6 +37,13 @@ class RayMetrics:
 RAY_METRICS = RayMetrics()
 
 
+TASK_NAME = "trailcam-export"
+"""One name for every export task. Ray labels its ``ray_tasks`` series with the task name and the node's dashboard
+agent holds each series it is sent: with a name per job, 300 exports made 2,001 ``ray_tasks`` series against 9 with
+one name, and some outlive their task (benchmarks/repro_metric_series.py, Ray alone). The job id is in Redis and in
+the logs."""
+
+
 @ray.remote(max_retries=0)
 def export_task(spec: dict[str, Any]) -> str:
     """Run one export on a Ray worker; ``spec`` holds run_export's arguments."""
@@ -47,16 +55,19 @@ def export_task(spec: dict[str, Any]) -> str:
 def submit_export(dsn: str, *, job_id: str, num_cpus: float, **kw: Any) -> ray.ObjectRef[str]:
     """Launch the task on ``num_cpus`` (Settings.export_task_num_cpus) without waiting; the ref serves cancellation."""
     spec = {"dsn": dsn, "job_id": job_id, **kw}
-    return export_task.options(num_cpus=num_cpus, name=f"export-{job_id[:8]}").remote(spec)
+    return export_task.options(num_cpus=num_cpus, name=TASK_NAME).remote(spec)
 
 
 class RayExportQueue:
     """One Ray task per export. ``refs`` only lets a delete cancel a task this process launched; nothing
-    depends on it being complete (status lives in Redis)."""
+    depends on it being complete (status lives in Redis): a task it no longer holds still ends when its job is
+    deleted, at its next lease renewal. It holds running tasks only, at most Settings.export_tracked_max."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self.refs: dict[str, ray.ObjectRef[str]] = {}
+        self.refs: BoundedCache[str, ray.ObjectRef[str]] = BoundedCache(
+            name="export tasks cancellable", max_entries=settings.export_tracked_max
+        )
 
     async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
         """Launch the job's task (connecting to or starting Ray on first use)."""
@@ -74,12 +85,14 @@ class RayExportQueue:
         except Exception as exc:
             logger.warning("cannot start export %s: %r", job_id, exc)
             raise ServiceUnavailable("ray", "cannot start the export task") from exc
-        self.refs[job_id] = ref
-        ref.future().add_done_callback(lambda _: self.refs.pop(job_id, None))
+        self.refs.put(job_id, ref)
+        loop = asyncio.get_running_loop()
+        # Ray calls back on its own thread; the map is only touched on the event loop.
+        ref.future().add_done_callback(lambda _: loop.call_soon_threadsafe(self.refs.pop, job_id))
 
     async def cancel(self, job_id: str) -> None:
         """Cancel the task when this process launched it and it still runs."""
-        ref = self.refs.pop(job_id, None)
+        ref = self.refs.pop(job_id)
         if ref is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(ray.cancel, ref)

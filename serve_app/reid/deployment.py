@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from serve_app.config import Settings
+from serve_app.diagnostics import MemoryProbe
 from serve_app.errors import ImageConflict
 from serve_app.reid import metrics
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
@@ -92,6 +93,7 @@ class ReIDArgs(BaseModel):
     num_replicas: int = Field(default=1, ge=1, description="Used when autoscaling_config is not set.")
     gallery_cap_per_deer: int = Field(default=20, ge=1)
     gallery_refresh_s: float = Field(default=1.0, gt=0, description="Gallery version check period, seconds.")
+    gallery_cache_sites: int = Field(default=256, ge=1, description="Most site galleries a replica holds at once.")
     top_k: int = Field(default=5, ge=1)
     score_log: ScoreLogArgs = Field(default_factory=ScoreLogArgs)
     user_config: ReIDUserConfig = Field(default_factory=ReIDUserConfig)
@@ -112,6 +114,7 @@ class ReIDDeployment:
 
     # Serve awaits an async constructor (the model loads in a thread, the pool opens on the replica's loop).
     async def __init__(self, args: dict[str, Any], settings_overrides: dict[str, Any]) -> None:  # type: ignore[misc]
+        self.memory = MemoryProbe()
         self.args = ReIDArgs.model_validate(args)
         self.settings = Settings(**settings_overrides)
         if self.args.torch_threads:
@@ -138,6 +141,7 @@ class ReIDDeployment:
                 image_root=Path(self.settings.image_root),
                 cap_per_deer=self.args.gallery_cap_per_deer,
                 gallery_refresh_s=self.args.gallery_refresh_s,
+                max_galleries=self.args.gallery_cache_sites,
                 top_k=self.args.top_k,
                 max_image_bytes=self.settings.max_image_bytes,
                 max_image_pixels=self.settings.max_image_pixels,
@@ -194,6 +198,10 @@ class ReIDDeployment:
                 "last_error": s.last_error,
             },
         }
+
+    def memory_report(self, top: int = 15) -> dict[str, Any]:
+        """What this replica holds and what grew since its first report (serve_app/diagnostics.py)."""
+        return self.memory.report(top=top)
 
     async def check_health(self) -> None:
         """Fails when the model cannot run on one blank crop."""

@@ -20,6 +20,7 @@ import psycopg
 from PIL import Image
 from psycopg.rows import dict_row
 
+from serve_app.caching import BoundedCache
 from serve_app.errors import ImageConflict
 from serve_app.images import ImageRejected, decode_image, read_limited, resolve_image_uri
 from serve_app.reid import identification as q
@@ -43,6 +44,8 @@ class IdentifierOptions:
     cap_per_deer: int = 20
     gallery_refresh_s: float = 1.0
     top_k: int = 5
+    max_galleries: int = 256
+    """Most site galleries held at once (one embedding matrix each); a site beyond it is loaded again when asked."""
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
     # Score rows go into the detections' own transaction when the log lives in the same database:
@@ -69,8 +72,10 @@ class Identifier:
         self.scores = scores
         self.options = options
         self.thresholds = thresholds or Thresholds()
-        self.galleries: dict[int, Gallery] = {}
-        self._checked_at: dict[int, float] = {}
+        self.galleries: BoundedCache[int, tuple[Gallery, float]] = BoundedCache(
+            name="site galleries", max_entries=options.max_galleries
+        )
+        """Site -> (gallery, when its version was last checked); the least recently used site goes first."""
         self._model_lock = threading.Lock()
         self._on_identified = on_identified
         self.identified = 0
@@ -113,23 +118,27 @@ class Identifier:
     async def galleries_for(self, site_ids: set[int]) -> dict[int, Gallery]:
         """Galleries of these sites, reloaded when their version counter moved (checked every refresh_s)."""
         now = time.monotonic()
-        due = [s for s in site_ids if now - self._checked_at.get(s, -1e9) >= self.options.gallery_refresh_s]
+        out: dict[int, Gallery] = {}
+        due = []
+        for site_id in site_ids:
+            held = self.galleries.get(site_id)
+            if held is not None and now - held[1] < self.options.gallery_refresh_s:
+                out[site_id] = held[0]
+            else:
+                due.append(site_id)
         if due:
             async with self.pool.connection() as conn:
                 versions = await site_versions_async(conn, due)
             for site_id in due:
                 version = versions.get(site_id, 0)
-                cached = self.galleries.get(site_id)
-                if cached is None or cached.version != version:
-                    self.galleries[site_id] = await self._load_gallery(site_id, version)
-                    logger.info(
-                        "gallery of site %d loaded: %d profiles (version %d)",
-                        site_id,
-                        self.galleries[site_id].size,
-                        version,
-                    )
-                self._checked_at[site_id] = now
-        return {s: self.galleries[s] for s in site_ids}
+                held = self.galleries.get(site_id)
+                gallery = held[0] if held is not None and held[0].version == version else None
+                if gallery is None:
+                    gallery = await self._load_gallery(site_id, version)
+                    logger.info("gallery of site %d loaded: %d profiles (version %d)", site_id, gallery.size, version)
+                self.galleries.put(site_id, (gallery, now))
+                out[site_id] = gallery
+        return out
 
     def _score(self, vectors: np.ndarray, sites: Sequence[int], galleries: dict[int, Gallery]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(sites)
