@@ -49,9 +49,9 @@ fuzz: $(STAMP) ## schemathesis against the live app, 500 examples per operation 
 	@$(PY) cluster/local/services.py ensure
 	TRAILCAM_FUZZ_EXAMPLES=$${TRAILCAM_FUZZ_EXAMPLES:-500} $(VENV)/bin/pytest tests/hardening/test_fuzz.py -q
 
-soak: $(STAMP) ## 10 minutes of mixed load on 127.0.0.1 (not in CI); report in benchmarks/results/soak.md
+soak: $(STAMP) ## 10 minutes of mixed load on 127.0.0.1 (not in CI; SOAK_S, SOAK_ARGS); report in benchmarks/results/soak.md
 	@$(PY) cluster/local/services.py ensure
-	$(PY) -m benchmarks.soak --duration-s $${SOAK_S:-600}
+	$(PY) -m benchmarks.soak --duration-s $${SOAK_S:-600} $(SOAK_ARGS)
 
 monitoring: $(STAMP) ## Prometheus (+ Grafana when installed) against the local head; stopped by `make down`
 	@bash cluster/monitoring/start.sh

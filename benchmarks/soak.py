@@ -1,6 +1,7 @@
 """Soak: `make soak` drives mixed load on 127.0.0.1 for 10 minutes (``--duration-s``) and reports error
-rate, p99 per route, each process's memory over time with a trend verdict, and score rows written vs
-expected. Writes benchmarks/results/soak.json and soak.md.
+rate, p99 per route, each process's memory over time with a trend verdict (benchmarks/soak_memory.py), the
+metric series Ray exports, the replicas' own reports of what grew, and score rows written vs expected.
+Writes benchmarks/results/soak.json, soak-report.json and soak.md.
 
 Load (closed loop, ``--clients`` workers): identifications by image URI, export status polls, new
 exports, review queue reads and assignments, deer listings. Every loop is bounded by the deadline.
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import random
 import statistics
 import threading
@@ -23,10 +25,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 from PIL import Image
 
+from benchmarks import soak_memory
 from benchmarks.common import RESULTS, ROOT, bench_settings, fetch_value, serve_app, write_results
+from serve_app.diagnostics import TRACE_ENV
 from serve_app.keys import create_key
 from serve_app.store.db import connect, with_database
 from serve_app.store.migrate import apply_migrations
@@ -36,9 +39,6 @@ SOAK_REDIS_DB = 13
 BBOX = {"x": 0.2, "y": 0.2, "w": 0.5, "h": 0.6}
 # Weighted mix of actions per loop iteration.
 MIX = {"identify": 50, "status": 25, "review": 10, "deer": 10, "export": 5}
-SAMPLE_EVERY_S = 5.0
-FLAT_GROWTH_FRACTION = 0.05  # growth over the second half below 5% of the mean RSS (or 16 MiB) is flat
-FLAT_GROWTH_MIB = 16.0
 
 
 @dataclass
@@ -183,57 +183,6 @@ async def worker(url: str, key: str, sites: list[Site], stats: Stats, deadline: 
                 await timed(client, stats, "GET /api/deer", "GET", "/api/deer", params={"site_id": site.id})
 
 
-def process_label(proc: psutil.Process) -> str:
-    try:
-        cmd = " ".join(proc.cmdline())
-    except psutil.Error:
-        return f"pid-{proc.pid}"
-    if cmd.startswith("ray::"):
-        return cmd.split()[0]
-    for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "haproxy"):
-        if name in cmd:
-            return name
-    return Path(cmd.split()[0]).name if cmd else f"pid-{proc.pid}"
-
-
-def sample_memory(
-    samples: dict[int, list[tuple[float, float]]], labels: dict[int, str], stop: threading.Event, started: float
-) -> None:
-    """RSS (MiB) of this driver and every process Ray started under it (Serve replicas, workers,
-    raylet, GCS), every SAMPLE_EVERY_S; keyed by PID, labelled with the process's latest title."""
-    me = psutil.Process()
-    while not stop.is_set():
-        now = time.monotonic() - started
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                rss = proc.memory_info().rss / 2**20
-            except psutil.Error:
-                continue
-            samples[proc.pid].append((now, rss))
-            labels[proc.pid] = process_label(proc)
-        stop.wait(SAMPLE_EVERY_S)
-
-
-def trend(points: list[tuple[float, float]]) -> dict[str, Any]:
-    """Least-squares slope over the second half, projected growth over that half, and a verdict."""
-    half = points[len(points) // 2 :]
-    if len(half) < 3:
-        return {"verdict": "too few samples", "slope_mib_per_min": 0.0, "growth_mib": 0.0}
-    xs = np.array([p[0] for p in half])
-    ys = np.array([p[1] for p in half])
-    slope_per_s = float(np.polyfit(xs, ys, 1)[0])
-    growth = slope_per_s * float(xs[-1] - xs[0])
-    limit = max(FLAT_GROWTH_MIB, FLAT_GROWTH_FRACTION * float(ys.mean()))
-    return {
-        "slope_mib_per_min": round(slope_per_s * 60, 3),
-        "growth_mib": round(growth, 1),
-        "first_mib": round(points[0][1], 1),
-        "last_mib": round(points[-1][1], 1),
-        "max_mib": round(max(p[1] for p in points), 1),
-        "verdict": "upward trend" if growth > limit else "flat",
-    }
-
-
 def score_rows(dsn: str, answered: list[tuple[int, int]], *, wait_s: float = 60) -> tuple[int, int, int]:
     """(rows written, rows expected, duplicated pairs) for the answered identifications, after flushes land."""
     ids = [a[0] for a in answered]
@@ -281,6 +230,18 @@ async def final_jobs(url: str, key: str, jobs: list[str], *, wait_s: float = 120
     return dict(counts)
 
 
+APP = "trailcam"
+REPLICA_DEPLOYMENTS = ("Ingress", "ReID")
+
+
+def probe(out: list[dict[str, Any]], stop: threading.Event, every_s: float, started: float) -> None:
+    """The replicas' own memory reports, now and every ``every_s`` (the first one is their baseline)."""
+    while True:
+        out.append({"at_s": round(time.monotonic() - started), **soak_memory.replica_reports(APP, REPLICA_DEPLOYMENTS)})
+        if stop.wait(every_s):
+            return
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Soak: {report['duration_s']:.0f} s of mixed load, {report['clients']} clients",
@@ -296,16 +257,30 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for route, r in sorted(report["routes"].items()):
         lines.append(f"| {route} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses']} |")
-    lines += [
-        "",
-        "| process | first MiB | last MiB | max MiB | slope MiB/min (2nd half) | verdict |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for name, t in sorted(report["memory"].items()):
-        lines.append(
-            f"| {name} | {t.get('first_mib', 0)} | {t.get('last_mib', 0)} | {t.get('max_mib', 0)} |"
-            f" {t['slope_mib_per_min']} | {t['verdict']} |"
-        )
+    lines += ["", f"Memory after a {report['warmup_s'] / 60:.0f}-minute warm-up:", ""]
+    lines += soak_memory.markdown_rows(report["memory"])
+    series = report["metric_series"]["totals"]
+    if series:
+        lines += [
+            "",
+            f"- metric series exported by the nodes: {series[0][1]} at {series[0][0]:.0f} s,"
+            f" {series[-1][1]} at {series[-1][0]:.0f} s",
+            f"- families that grew: {report['metric_series']['grown_families']}",
+        ]
+    probes = report["replica_probes"]
+    for name in REPLICA_DEPLOYMENTS:
+        seen = [p[name] for p in probes if "rss_mib" in p.get(name, {})]
+        if len(seen) < 2:
+            continue
+        last = seen[-1]
+        lines += [
+            "",
+            f"{name} replica's own report, first to last probe: RSS {seen[0]['rss_mib']} -> {last['rss_mib']} MiB,"
+            f" live objects {seen[0]['objects']} -> {last['objects']}",
+        ]
+        lines += [f"- {t['type']}: +{t['count_delta']}" for t in last["grown_types"][:8]]
+        lines += [f"- {g['size_delta_kib']} KiB in {g['count_delta']} blocks at {' < '.join(reversed(g['traceback']))}"
+                  for g in last["grown_lines"][:8]]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=40, help="distinct query images per site")
     parser.add_argument("--architecture", default="resnet18")
     parser.add_argument("--input-size-px", type=int, default=112)
+    parser.add_argument(
+        "--warmup-s", type=float, default=None, help="memory trends start after this (default: a third of the run)"
+    )
+    parser.add_argument(
+        "--probe-every-s", type=float, default=600.0, help="ask the replicas what grew this often (0: never)"
+    )
+    parser.add_argument(
+        "--trace-memory", type=int, default=0, metavar="FRAMES", help="tracemalloc in the replicas (0: off)"
+    )
     args = parser.parse_args(argv)
+    warmup_s = args.duration_s / 3 if args.warmup_s is None else args.warmup_s
+    if args.trace_memory:
+        os.environ[TRACE_ENV] = str(args.trace_memory)  # the local Ray's workers inherit the driver's environment
 
     base = bench_settings()
     settings = {
@@ -342,14 +329,20 @@ def main(argv: list[str] | None = None) -> int:
         "num_cpus": 0.5,
         "torch_threads": 1,
     }
-    pid_samples: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    labels: dict[int, str] = {}
     stats = Stats()
+    probes: list[dict[str, Any]] = []
     with serve_app({"settings": settings, "reid": reid}) as url:
         stop = threading.Event()
-        started = time.monotonic()
-        sampler = threading.Thread(target=sample_memory, args=(pid_samples, labels, stop, started), daemon=True)
-        sampler.start()
+        memory = soak_memory.MemoryWatch()
+        series = soak_memory.SeriesWatch(started=memory.started)
+        watchers = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in (memory, series)]
+        if args.probe_every_s > 0:
+            watchers.append(
+                threading.Thread(target=probe, args=(probes, stop, args.probe_every_s, memory.started), daemon=True)
+            )
+        for thread in watchers:
+            thread.start()
+        started = memory.started
         deadline = started + args.duration_s
 
         async def drive() -> None:
@@ -358,11 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(drive())
         elapsed = time.monotonic() - started
         stop.set()
-        sampler.join()
+        for thread in watchers:
+            thread.join()
+        if args.probe_every_s > 0:
+            probes.append(
+                {"at_s": round(time.monotonic() - started), **soak_memory.replica_reports(APP, REPLICA_DEPLOYMENTS)}
+            )
         exports = asyncio.run(final_jobs(url, key, stats.jobs))
         written, expected, dupes = score_rows(str(settings["database_url"]), stats.answered)
 
-    samples = {f"{labels[pid]} [{pid}]": points for pid, points in pid_samples.items()}
     routes: dict[str, dict[str, Any]] = {}
     requests = errors = 0
     for route, lat in stats.latencies_ms.items():
@@ -378,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             "errors": bad,
             "statuses": codes,
         }
-    memory = {name: trend(points) for name, points in samples.items() if len(points) >= 2}
-    rising = sorted(n for n, t in memory.items() if t["verdict"] == "upward trend")
+    trends = memory.rows(warmup_s=warmup_s)
+    rising = sorted(n for n, t in trends.items() if t["verdict"] == "rising" and t["group"] != "driver")
     report = {
         "duration_s": elapsed,
         "clients": args.clients,
@@ -389,9 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         "routes": routes,
         "score_rows": {"written": written, "expected": expected, "lost": expected - written, "duplicates": dupes},
         "exports": exports,
-        "memory": memory,
-        "memory_samples": {n: [[round(t, 1), round(m, 1)] for t, m in p] for n, p in samples.items()},
-        "memory_verdict": f"upward trend in {', '.join(rising)}" if rising else "no upward trend",
+        "warmup_s": warmup_s,
+        "memory": trends,
+        "memory_verdict": soak_memory.verdict({n: t for n, t in trends.items() if t["group"] != "driver"}),
+        "metric_series": series.report(),
+        "replica_probes": probes,
+        "memory_samples": {
+            f"{memory.labels[pid]} [{pid}]": [[round(t, 1), round(m, 1)] for t, m in points]
+            for pid, points in memory.samples.items()
+        },
     }
     rows: list[dict[str, Any]] = [
         {"case": "soak", "metric": "error_rate", "value": report["error_rate"], "unit": "ratio", "target": "0"},
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     for route, r in routes.items():
         rows.append({"case": route, "metric": "p99", "value": r["p99_ms"], "unit": "ms", "target": None})
         rows.append({"case": route, "metric": "requests", "value": float(r["requests"]), "unit": "req", "target": None})
-    write_results("soak", rows, meta={k: v for k, v in report.items() if k != "memory_samples"})
+    write_results("soak", rows, meta={k: v for k, v in report.items() if k not in ("memory_samples", "replica_probes")})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "soak-report.json").write_text(json.dumps(report, indent=2, default=str))
     (RESULTS / "soak.md").write_text(markdown(report))
