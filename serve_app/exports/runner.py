@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -18,7 +17,6 @@ import redis
 
 from serve_app.config import DEFAULT_SCIENTIFIC_NAME, Settings
 from serve_app.errors import JobGone
-from serve_app.exports import metrics
 from serve_app.exports.camtrap import CamtrapError, write_package
 from serve_app.exports.files import ExportFiles, file_uri
 from serve_app.exports.jobs import RunnerLease, download_path, utc_now_iso
@@ -100,7 +98,6 @@ def run_export(
     scientific_name: str = DEFAULT_SCIENTIFIC_NAME,
 ) -> str:
     """Produce one export; returns the final status it set, or "gone" when the job vanished."""
-    started = time.monotonic()
     fmt = str(params["format"])
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3)
     try:
@@ -132,12 +129,10 @@ def run_export(
                 raise  # cancellation (KeyboardInterrupt) or shutdown: the file is already gone
             logger.warning("export %s failed: %s", job_id, exc)
             if lease.finish("failed", error=one_line(exc)):
-                metrics.export_finished(status="failed", fmt=fmt, duration_s=time.monotonic() - started)
                 return "failed"
             return "gone"
         heartbeat.stop()
         if lease.finish("completed", download_url=download_path(job_id), progress=1.0, rows=rows, size_bytes=size):
-            metrics.export_finished(status="completed", fmt=fmt, duration_s=time.monotonic() - started)
             return "completed"
         # Deleted or expired between the last check and the final CAS: leave nothing behind.
         files.remove(uri)

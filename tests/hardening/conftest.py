@@ -70,7 +70,7 @@ def deploy(serve_http_port: int, tmp_path_factory: pytest.TempPathFactory) -> It
     ) -> Deployed:
         root = tmp_path_factory.mktemp(f"app-{name}")
         (root / "images").mkdir()
-        settings = app_settings(database_url, redis_url, root, export_task_num_cpus=0.01, **overrides)
+        settings = app_settings(database_url, redis_url, root, **{"export_task_num_cpus": 0.01, **overrides})
         serve.run(small_app(settings, **(reid or {})), name=name, route_prefix=f"/{name}", blocking=False)
         names.append(name)
         url = f"http://127.0.0.1:{serve_http_port}/{name}"
