@@ -1,10 +1,13 @@
 """The soak's memory watch: every process's RSS over time, the metric series Ray's agents export, the replicas'
 own reports of what grew, and the verdict.
 
-Verdict: after a warm-up (the first third of the run unless told), a least-squares line through each
-process's RSS. A process rises when its slope reaches ``MAX_SLOPE_MIB_PER_MIN`` or its growth over the
-window reaches ``MAX_GROWTH_FRACTION`` of its mean RSS. The absolute slope is the rule that matters for a
-product that runs for weeks: 0.5 MiB/min is 720 MiB a day.
+Verdict: after a warm-up (the first third of the run unless told; for a process that starts later, from
+PROCESS_WARMUP_S after its first sample), a least-squares line through each process's RSS over a window of
+at least MIN_WINDOW_S. A process rises when its slope reaches ``MAX_SLOPE_MIB_PER_MIN`` or its growth over
+the window reaches ``MAX_GROWTH_FRACTION`` of its mean RSS. The absolute slope is the rule that matters for
+a product that runs for weeks: 0.5 MiB/min is 720 MiB a day. The run passes when every judged process (the
+project's own and Ray's dashboard agent, which holds every metric series) is flat; Ray's other processes are
+reported beside them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ SAMPLE_EVERY_S = 5.0
 MAX_SLOPE_MIB_PER_MIN = 0.5
 MAX_GROWTH_FRACTION = 0.05
 MIN_WINDOW_SAMPLES = 6
+MIN_WINDOW_S = 300.0
+PROCESS_WARMUP_S = 120.0
+JUDGED_RAY = ("ray::DashboardAgent",)
 PROJECT_TITLES = ("ray::ServeReplica:trailcam:", f"ray::{TASK_NAME}")
 """Process titles of the project's own code (Serve replicas of the app, export tasks); the rest is Ray's."""
 SERIES_EVERY_S = 60.0
@@ -55,6 +61,19 @@ class MemoryWatch:
     busy: set[int] = field(default_factory=set)
     """PIDs seen with a title other than ``ray::IDLE`` (workers that did something)."""
 
+    @classmethod
+    def from_samples(cls, saved: dict[str, list[list[float]]]) -> MemoryWatch:
+        """A watch rebuilt from a report's ``memory_samples`` ("label [pid]" -> [[s, MiB], ...])."""
+        watch = cls()
+        for name, points in saved.items():
+            label, _, pid_text = name.rpartition(" [")
+            pid = int(pid_text.rstrip("]"))
+            watch.samples[pid] = [(float(t), float(m)) for t, m in points]
+            watch.labels[pid] = label
+            if label != "ray::IDLE":
+                watch.busy.add(pid)
+        return watch
+
     def sample(self) -> None:
         me = psutil.Process()
         now = time.monotonic() - self.started
@@ -76,16 +95,16 @@ class MemoryWatch:
             stop.wait(SAMPLE_EVERY_S)
 
     def rows(self, *, warmup_s: float) -> dict[str, dict[str, Any]]:
-        """The trend of each process with samples after the warm-up; idle workers that never ran a task and
-        processes that came and went inside the warm-up are left out."""
+        """The trend of each process with a long enough window after its warm-up; idle workers that never ran
+        a task and processes that came and went too quickly to judge are left out."""
         out = {}
         for pid, points in self.samples.items():
             if pid not in self.busy:
                 continue
-            t = trend(points, warmup_s=warmup_s)
+            t = trend(points, warmup_s=max(warmup_s, points[0][0] + PROCESS_WARMUP_S))
             if t is not None:
                 label = self.labels[pid]
-                out[f"{label} [{pid}]"] = {**t, "group": group_of(label)}
+                out[f"{label} [{pid}]"] = {**t, "group": group_of(label), "judged": judged(label)}
         return out
 
 
@@ -95,11 +114,16 @@ def group_of(label: str) -> str:
     return "driver" if label == "soak driver" else "ray"
 
 
+def judged(label: str) -> bool:
+    """Whether the process's trend decides the run: the project's own processes and Ray's dashboard agent."""
+    return label.startswith(PROJECT_TITLES) or label in JUDGED_RAY
+
+
 def trend(points: list[tuple[float, float]], *, warmup_s: float) -> dict[str, Any] | None:
     """Slope of a least-squares line through the samples after ``warmup_s``, its growth over that window, and
     the verdict; None when the window holds too few samples to fit."""
-    window = [p for p in points if p[0] >= warmup_s]
-    if len(window) < MIN_WINDOW_SAMPLES:
+    window = [p for p in points if p[0] >= warmup_s and p[1] > 0]  # 0: a process exiting
+    if len(window) < MIN_WINDOW_SAMPLES or window[-1][0] - window[0][0] < MIN_WINDOW_S:
         return None
     xs = np.array([p[0] for p in window])
     ys = np.array([p[1] for p in window])
@@ -120,9 +144,17 @@ def trend(points: list[tuple[float, float]], *, warmup_s: float) -> dict[str, An
     }
 
 
-def verdict(rows: dict[str, dict[str, Any]]) -> str:
-    rising = [f"{name} ({row['group']})" for name, row in sorted(rows.items()) if row["verdict"] == "rising"]
-    return f"rising: {', '.join(rising)}" if rising else "flat: every process under the limits"
+def verdict(rows: dict[str, dict[str, Any]]) -> tuple[bool, str]:
+    """(passed, one line): passed when at least one project process was judged and every judged one is flat."""
+    judged_rows = {name: row for name, row in rows.items() if row["judged"]}
+    if not any(row["group"] == "project" for row in judged_rows.values()):
+        return False, "no verdict: no project process has a long enough window after the warm-up"
+    rising = [f"{name} ({row['group']})" for name, row in sorted(judged_rows.items()) if row["verdict"] == "rising"]
+    others = [name for name, row in sorted(rows.items()) if not row["judged"] and row["verdict"] == "rising"]
+    note = f"; also rising, not judged: {', '.join(others)}" if others else ""
+    if rising:
+        return False, f"rising: {', '.join(rising)}{note}"
+    return True, f"flat: every judged process under the limits{note}"
 
 
 def metric_series(url: str) -> Counter[str]:
@@ -198,13 +230,15 @@ def replica_reports(app_name: str, deployments: tuple[str, ...], *, top: int = 1
 
 def markdown_rows(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
-        "| group | process | first MiB | window start MiB | last MiB | max MiB | slope MiB/min | growth | verdict |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| group | process | first MiB | window start MiB | last MiB | max MiB | window min | slope MiB/min | growth |"
+        " verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = {"project": 0, "ray": 1, "driver": 2}
     for name, t in sorted(rows.items(), key=lambda kv: (order[kv[1]["group"]], kv[0])):
         lines.append(
             f"| {t['group']} | {name} | {t['first_mib']} | {t['window_first_mib']} | {t['last_mib']} | {t['max_mib']} |"
-            f" {t['slope_mib_per_min']} | {t['growth_mib']} MiB ({t['growth_fraction']:.1%}) | {t['verdict']} |"
+            f" {t['window_min']} | {t['slope_mib_per_min']} | {t['growth_mib']} MiB ({t['growth_fraction']:.1%}) |"
+            f" {t['verdict']}{'' if t['judged'] else ' (not judged)'} |"
         )
     return lines

@@ -46,6 +46,7 @@ class MemoryProbe:
             "pid": os.getpid(),
             "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
             "objects": sum(types.values()),
+            "frozen_objects": gc.get_freeze_count(),
             "grown_types": [{"type": name, "count_delta": delta} for name, delta in grown_types if delta > 0],
             "bounded": live_caches(),
             "traced": tracemalloc.is_tracing(),

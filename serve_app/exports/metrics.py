@@ -1,8 +1,9 @@
 """Export metrics, recorded through whichever backend the process installed (plain Python: no Ray here).
 
-The Ray edges install Ray's metrics (:func:`install`, from serve_app/exports/task.py: the Serve ingress
-and each export task), so Prometheus shows them under the prefix Ray adds. Elsewhere (unit tests, the
-bare-uvicorn benchmark, a runner called directly) nothing is installed and recording does nothing.
+The Serve ingress installs Ray's metrics (:func:`install` with serve_app/exports/task.py's RAY_METRICS, in
+serve_app/ingress.py) and records every export it launched when the task reports how it ended, so
+Prometheus shows them under the prefix Ray adds. Elsewhere (unit tests, the bare-uvicorn benchmark, a
+runner called directly) nothing is installed and recording does nothing.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _duration() -> Histogram | None:
 
 
 def export_finished(*, status: str, fmt: str, duration_s: float | None = None) -> None:
-    """Count a job reaching its final status; observe its duration when the runner knows it."""
+    """Count a job reaching its final status; observe its duration when the run reported one."""
     counter = _counter(EXPORTS_TOTAL)
     if counter is not None:
         counter.inc(1, tags={"status": status, "format": fmt})

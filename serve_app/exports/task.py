@@ -71,7 +71,8 @@ def submit_export(dsn: str, *, job_id: str, num_cpus: float, **kw: Any) -> ray.O
 class RayExportQueue:
     """One Ray task per export. ``refs`` only lets a delete cancel a task this process launched; nothing
     depends on it being complete (status lives in Redis): a task it no longer holds still ends when its job is
-    deleted, at its next lease renewal. It holds running tasks only, at most Settings.export_tracked_max."""
+    deleted, at its next lease renewal. It holds tasks that have not ended (queued in Ray or running), at most
+    Settings.export_tracked_max."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -81,29 +82,37 @@ class RayExportQueue:
 
     async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
         """Launch the job's task (connecting to or starting Ray on first use)."""
-        settings = self._settings
+        loop = asyncio.get_running_loop()
         try:
-            # .remote() can block (it connects to or starts Ray on first use): off the event loop.
-            ref = await asyncio.to_thread(
-                submit_export,
-                settings.database_dsn,
-                job_id=job_id,
-                params=params,
-                num_cpus=settings.export_task_num_cpus,
-                **runner_settings(settings),
-            )
+            # .remote() can block (it connects to or starts Ray on first use): off the event loop. The thread
+            # also arranges the bookkeeping, so a request cancelled meanwhile still leaves its run counted.
+            await asyncio.to_thread(self._launch, loop, job_id, params)
         except Exception as exc:
             logger.warning("cannot start export %s: %r", job_id, exc)
             raise ServiceUnavailable("ray", "cannot start the export task") from exc
-        self.refs.put(job_id, ref)
-        loop = asyncio.get_running_loop()
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, job_id: str, params: dict[str, Any]) -> None:
+        settings = self._settings
+        ref = submit_export(
+            settings.database_dsn,
+            job_id=job_id,
+            params=params,
+            num_cpus=settings.export_task_num_cpus,
+            **runner_settings(settings),
+        )
         fmt = str(params.get("format"))
-        # Ray calls back on its own thread; the map and the metrics are only touched on the event loop.
-        ref.future().add_done_callback(lambda done: loop.call_soon_threadsafe(self._ended, job_id, fmt, done))
+        # The map and the metrics are only touched on the event loop, in this order: tracked, then ended.
+        loop.call_soon_threadsafe(self.refs.put, job_id, ref)
+
+        def ended(done: concurrent.futures.Future[tuple[str, float]]) -> None:  # on Ray's callback thread
+            with contextlib.suppress(RuntimeError):  # the loop closed (replica shutting down): nothing to record
+                loop.call_soon_threadsafe(self._ended, job_id, fmt, done)
+
+        ref.future().add_done_callback(ended)
 
     def _ended(self, job_id: str, fmt: str, done: concurrent.futures.Future[tuple[str, float]]) -> None:
-        """Forget the task; count how its run ended. A task that raised (its worker was lost, it was cancelled)
-        is counted by the sweeper when the job's lease lapses, so it is not counted here."""
+        """Forget the task; count how its run ended. A task that raised is not counted here: a lost worker's
+        job is failed and counted by the sweeper when its lease lapses; a cancelled one's job was deleted."""
         self.refs.pop(job_id)
         if done.cancelled() or done.exception() is not None:
             return

@@ -15,10 +15,12 @@ import pytest
 import redis
 from ray import serve
 
+from serve_app.exports.scripts import ACTIVE_KEY, IDEMPOTENCY_PREFIX, job_key
 from serve_app.keys import new_key
 from tests import factories
 from tests.hardening.conftest import Deployed, make_site
 from tests.helpers import auth, export_body, wait_final
+from tests.waiting import wait_until
 
 BOUND = 40
 EXPORT_BOUND = 10
@@ -29,6 +31,8 @@ def bounded(app: Deployed, deployment: str) -> dict[str, dict[str, Any]]:
     """The replica's bounded caches by name (its memory report through a Serve handle)."""
     handle = serve.get_deployment_handle(deployment, app_name=app.name)
     report = handle.memory_report.remote(top=0).result(timeout_s=60)
+    names = [c["name"] for c in report["bounded"]]
+    assert len(names) == len(set(names)), names  # one cache per name in a replica
     return {c["name"]: c for c in report["bounded"]}
 
 
@@ -107,8 +111,19 @@ def test_distinct_keys_tokens_export_ids_and_sites_leave_each_cache_at_its_bound
         blocker.rollback()  # the lock goes; every export runs, the untracked ones too
         final = [wait_final(client, f"/api/exports/{job}", site.headers(), timeout_s=180)["status"] for job in jobs]
     assert final == ["completed"] * n_exports
-    assert bounded(app, "Ingress")["export tasks cancellable"]["entries"] == 0
-    # What outlives the request in Redis (job status, idempotency mapping) carries a TTL.
+    # The replica forgets each task once Ray reports it ended (a moment after the job's status says so).
+    wait_until(
+        lambda: bounded(app, "Ingress")["export tasks cancellable"]["entries"] == 0,
+        what="the ingress to forget the ended export tasks",
+        timeout_s=30,
+        every_s=0.5,
+    )
+    # What outlives the request in Redis (job status, idempotency mapping) expires; the index of running jobs
+    # (no TTL: its members are jobs, scored by lease deadline) no longer holds any of them.
     store = redis.Redis.from_url(redis_url, decode_responses=True)
-    ttls = {name: store.ttl(name) for name in store.scan_iter("trailcam:*")}
-    assert ttls and all(ttl > 0 for ttl in ttls.values()), ttls
+    mappings = [str(store.hget(job_key(j), "idempotency_key") or "") for j in jobs]
+    assert all(m.startswith(IDEMPOTENCY_PREFIX) for m in mappings)
+    ours = [*map(job_key, jobs), *mappings]
+    ttls = [store.ttl(k) for k in ours]
+    assert all(ttl > 0 for ttl in ttls), ttls
+    assert not set(jobs) & set(store.zrange(ACTIVE_KEY, 0, -1))
