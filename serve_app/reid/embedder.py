@@ -1,4 +1,5 @@
-"""The embedding model: a torchvision backbone (or TorchScript file) giving L2-normalised vectors.
+"""The embedding model: a torchvision or timm backbone, a fine-tuned re-ID model or a TorchScript file,
+giving L2-normalised vectors.
 
 Plain Python, importable by the online path and by batch jobs without a cluster::
 
@@ -12,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 
+from serve_app.reid.backbones import build_model
+from serve_app.reid.model_spec import PRETRAINED, spec_weights_digest
 from serve_app.reid.model_spec import RANDOM_WEIGHTS as RANDOM_WEIGHTS
 from serve_app.reid.model_spec import TORCHSCRIPT as TORCHSCRIPT
 from serve_app.reid.model_spec import ModelSpec as ModelSpec
@@ -36,50 +37,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _strip_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace the classification head by identity so the model returns its pooled features."""
-    for attr in ("fc", "classifier", "heads", "head"):
-        if hasattr(model, attr):
-            setattr(model, attr, torch.nn.Identity())
-            return model
-    raise ValueError(f"do not know the classification head of {type(model).__name__}")
-
-
-def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
-    if spec.architecture not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown torchvision architecture {spec.architecture!r}")
-    if spec.random_weights:
-        logger.warning(
-            "RANDOM WEIGHTS: %s is initialised from seed %d; its similarities carry no identity information "
-            "(tests and the offline demo only)",
-            spec.architecture,
-            spec.seed,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            return _strip_head(torchvision.models.get_model(spec.architecture, weights=None))
-    model = _strip_head(torchvision.models.get_model(spec.architecture, weights=None))
-    state = torch.load(spec.weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "heads.", "head."))}
-    missing, _ = model.load_state_dict(backbone, strict=False)
-    if missing:
-        raise ValueError(f"weights file {spec.weights} lacks {len(missing)} backbone tensors, e.g. {missing[0]}")
-    return model
-
-
 def load_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     """The model (eval mode, on CPU) and its version string."""
-    if not spec.random_weights and not Path(spec.weights).is_file():
-        raise FileNotFoundError(f"weights file not found: {spec.weights}")
-    digest = None if spec.random_weights else weights_digest(Path(spec.weights))
+    digest = spec_weights_digest(spec)
     if spec.architecture == TORCHSCRIPT:
-        if spec.random_weights:
+        if spec.random_weights or spec.weights == PRETRAINED:
             raise ValueError("a TorchScript model needs a weights file")
         model: torch.nn.Module = torch.jit.load(spec.weights, map_location="cpu")  # type: ignore[no-untyped-call]
     else:
-        model = _build_torchvision(spec)
+        model = build_model(spec.architecture, spec.weights, seed=spec.seed, input_size_px=spec.input_size_px)
     return model.eval(), model_version_for(spec, digest=digest)
 
 

@@ -1,0 +1,117 @@
+"""Decision quality of a re-ID model against labelled data: top-1, BAKS/BAUS, precision and rates per threshold.
+
+Torch-free (numpy): training validation and the analysis report both use it. Inputs are, per query, the
+best similarity to any gallery individual, that individual, and the query's true individual (None for a
+stranger: an individual with no gallery, which the matcher should leave unassigned).
+
+- top-1 on known individuals: the best gallery individual is the right one.
+- at a threshold t a query is *assigned* when its best similarity is >= t; an assignment is correct when it
+  names the true individual (a stranger's assignment is always wrong).
+- precision: correct assignments / assignments; known assigned: share of known queries assigned (rightly
+  or not); strangers unassigned: share of stranger queries left unassigned.
+- BAKS / BAUS (as AnimalCLEF scores re-ID): accuracy per individual averaged over individuals, on known
+  individuals (correct assignment) and on unknown ones (left unassigned).
+- recommended accept threshold: the lowest threshold whose precision reaches the target, when enough
+  labelled queries exist; None otherwise (the caller falls back to the mixture fit).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_PRECISION_TARGET = 0.95
+MIN_LABELLED = 50
+"""Fewest labelled queries (known and strangers together) a threshold recommendation rests on."""
+THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.01))
+
+
+@dataclass(frozen=True)
+class Query:
+    """One labelled query: its best gallery match and its truth (``truth`` None: a stranger)."""
+
+    best_similarity: float
+    best_individual: str | None
+    truth: str | None
+
+
+def best_matches(
+    query_vectors: np.ndarray, gallery_vectors: np.ndarray, gallery_labels: Sequence[str]
+) -> list[tuple[float, str | None]]:
+    """Per query, the best cosine similarity to a gallery individual (max over its vectors) and that individual."""
+    if len(gallery_labels) == 0:
+        return [(0.0, None)] * len(query_vectors)
+    sims = query_vectors @ gallery_vectors.T
+    best = sims.argmax(axis=1)
+    return [(float(sims[i, j]), gallery_labels[j]) for i, j in enumerate(best)]
+
+
+def _balanced(hits: dict[str, list[bool]]) -> float | None:
+    if not hits:
+        return None
+    return float(np.mean([np.mean(v) for v in hits.values()]))
+
+
+def at_threshold(queries: Sequence[Query], threshold: float) -> dict[str, Any]:
+    """Precision, rates and BAKS/BAUS at one threshold."""
+    assigned = [q for q in queries if q.best_similarity >= threshold]
+    correct = [q for q in assigned if q.truth is not None and q.best_individual == q.truth]
+    known = [q for q in queries if q.truth is not None]
+    strangers = [q for q in queries if q.truth is None]
+    per_known: dict[str, list[bool]] = defaultdict(list)
+    for q in known:
+        per_known[str(q.truth)].append(q.best_similarity >= threshold and q.best_individual == q.truth)
+    per_stranger: dict[str, list[bool]] = defaultdict(list)
+    for k, q in enumerate(strangers):
+        per_stranger[str(k)].append(q.best_similarity < threshold)
+    return {
+        "threshold": threshold,
+        "assigned": len(assigned),
+        "precision": len(correct) / len(assigned) if assigned else None,
+        "known_assigned": sum(q.best_similarity >= threshold for q in known) / len(known) if known else None,
+        "known_correct": len(correct) / len(known) if known else None,
+        "strangers_unassigned": sum(q.best_similarity < threshold for q in strangers) / len(strangers)
+        if strangers
+        else None,
+        "baks": _balanced(per_known),
+        "baus": float(np.mean([v[0] for v in per_stranger.values()])) if per_stranger else None,
+    }
+
+
+def recommend(
+    curve: Sequence[dict[str, Any]], *, target: float, labelled: int, min_labelled: int = MIN_LABELLED
+) -> dict[str, Any]:
+    """The lowest threshold whose precision reaches ``target``, or why there is none."""
+    if labelled < min_labelled:
+        return {"threshold": None, "reason": f"{labelled} labelled queries, fewer than {min_labelled}"}
+    for point in curve:
+        if point["precision"] is not None and point["precision"] >= target and point["assigned"] > 0:
+            return {"threshold": point["threshold"], "reason": f"lowest threshold with precision >= {target}"}
+    return {"threshold": None, "reason": f"no threshold reaches precision {target}"}
+
+
+def evaluate(
+    queries: Sequence[Query],
+    *,
+    target: float = DEFAULT_PRECISION_TARGET,
+    thresholds: Sequence[float] = THRESHOLDS,
+    min_labelled: int = MIN_LABELLED,
+) -> dict[str, Any]:
+    """Top-1, the per-threshold curve, the recommended threshold and the figures at it."""
+    known = [q for q in queries if q.truth is not None]
+    curve = [at_threshold(queries, t) for t in thresholds]
+    recommendation = recommend(curve, target=target, labelled=len(queries), min_labelled=min_labelled)
+    at = at_threshold(queries, recommendation["threshold"]) if recommendation["threshold"] is not None else None
+    return {
+        "known_queries": len(known),
+        "stranger_queries": len(queries) - len(known),
+        "top1_known": sum(q.best_individual == q.truth for q in known) / len(known) if known else None,
+        "precision_target": target,
+        "recommended": recommendation,
+        "at_recommended": at,
+        "curve": curve,
+    }
