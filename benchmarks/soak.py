@@ -302,6 +302,14 @@ def markdown(report: dict[str, Any]) -> str:
             f" objects the collector tracks (beyond the {last.get('frozen_objects', '?')} Serve froze at start)"
             f" {seen[0]['objects']} -> {last['objects']}",
         ]
+        first_heap, last_heap = seen[0].get("malloc_mib"), last.get("malloc_mib")
+        if first_heap and last_heap:
+            lines.append(
+                "- C heap (glibc mallinfo2), first to last probe:"
+                f" in use {first_heap['in_use']} -> {last_heap['in_use']} MiB,"
+                f" free but kept {first_heap['free']} -> {last_heap['free']} MiB,"
+                f" mmapped {first_heap['mmapped']} -> {last_heap['mmapped']} MiB"
+            )
         lines += [f"- {t['type']}: +{t['count_delta']}" for t in last["grown_types"][:8]]
         lines += [f"- {g['size_delta_kib']} KiB in {g['count_delta']} blocks at {' < '.join(reversed(g['traceback']))}"
                   for g in last["grown_lines"][:8]]  # fmt: skip

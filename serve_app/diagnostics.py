@@ -7,6 +7,8 @@ diagnosis run (``make soak`` with ``--trace-memory``), never for production traf
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import tracemalloc
@@ -18,6 +20,45 @@ import psutil
 from serve_app.caching import live_caches
 
 TRACE_ENV = "TRAILCAM_TRACEMALLOC_FRAMES"
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def malloc_heap() -> dict[str, float] | None:
+    """glibc's own account of the C heap (``mallinfo2``), in MiB: ``in_use`` is what native code holds,
+    ``free`` is what malloc keeps for reuse without returning it to the system, ``mmapped`` the large
+    blocks it maps directly. RSS rising while ``in_use`` stays flat is fragmentation, not a leak.
+    None where the C library has no ``mallinfo2`` (not glibc, or glibc before 2.33)."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    mib = 2**20
+    return {
+        "in_use": round(info.uordblks / mib, 1),
+        "free": round(info.fordblks / mib, 1),
+        "mmapped": round(info.hblkhd / mib, 1),
+        "arena": round(info.arena / mib, 1),
+    }
 
 
 class MemoryProbe:
@@ -45,6 +86,7 @@ class MemoryProbe:
         out: dict[str, Any] = {
             "pid": os.getpid(),
             "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
+            "malloc_mib": malloc_heap(),
             "objects": sum(types.values()),
             "frozen_objects": gc.get_freeze_count(),
             "grown_types": [{"type": name, "count_delta": delta} for name, delta in grown_types if delta > 0],
