@@ -31,7 +31,7 @@ from batch import runs
 from batch.runs import BackfillOptions, RunLocked, Selection
 from batch.score_writer import BlockCounts
 from serve_app.config import Settings, get_settings
-from serve_app.reid.model_spec import RANDOM_WEIGHTS, model_version_for, weights_digest
+from serve_app.reid.model_spec import RANDOM_WEIGHTS, TIMM_PREFIX, model_version_for, spec_weights_digest
 from serve_app.store.db import SyncConn, connect
 
 logger = logging.getLogger("batch.backfill")
@@ -83,8 +83,7 @@ class Plan:
 
 def model_version(options: BackfillOptions) -> str:
     """The version string the embedder will report, computed without loading the model."""
-    digest = None if options.spec.random_weights else weights_digest(Path(options.weights))
-    return model_version_for(options.spec, digest=digest)
+    return model_version_for(options.spec, digest=spec_weights_digest(options.spec))
 
 
 def ensure_ray() -> None:
@@ -298,9 +297,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--site", type=int, action="append", dest="sites", help="site id (repeatable)")
     parser.add_argument("--since", help="images captured at or after (ISO 8601, UTC when no offset)")
     parser.add_argument("--until", help="images captured before (ISO 8601)")
-    parser.add_argument("--model", default="resnet50", help="ARCH or ARCH:WEIGHTS (weights: 'random' or a local file)")
+    parser.add_argument(
+        "--model",
+        default="mobilenet_v2:imagenet",
+        help="ARCH:WEIGHTS (ARCH: a torchvision name or timm:<name>; WEIGHTS: imagenet, a local file, or random"
+        " for tests; see docs/models.md)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="seed of random weights")
-    parser.add_argument("--input-size-px", type=int, default=224)
+    parser.add_argument("--input-size-px", type=int, default=128, help="the served model's (serve_config.yaml: 128)")
     parser.add_argument("--mode", choices=["missing", "all"], default="missing")
     parser.add_argument("--decode", choices=["exact", "draft"], default="exact", help="draft: faster JPEG decode")
     parser.add_argument("--accept-threshold", type=float, default=BackfillOptions.accept_threshold)
@@ -319,7 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from_args(args: argparse.Namespace) -> BackfillOptions:
     """Options from parsed arguments (each option's flag carries its name; ``--model`` is ARCH[:WEIGHTS])."""
-    architecture, _, weights = args.model.partition(":")
+    prefix = TIMM_PREFIX if args.model.startswith(TIMM_PREFIX) else ""
+    architecture, _, weights = args.model[len(prefix) :].partition(":")
+    architecture = prefix + architecture
     return BackfillOptions.from_json({**vars(args), "architecture": architecture, "weights": weights or RANDOM_WEIGHTS})
 
 

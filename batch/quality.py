@@ -37,6 +37,8 @@ class Query:
     best_similarity: float
     best_individual: str | None
     truth: str | None
+    stranger: str | None = None
+    """A stranger's own identity (groups its queries for BAUS); None for known individuals or when unknown."""
 
 
 def best_matches(
@@ -67,7 +69,7 @@ def at_threshold(queries: Sequence[Query], threshold: float) -> dict[str, Any]:
         per_known[str(q.truth)].append(q.best_similarity >= threshold and q.best_individual == q.truth)
     per_stranger: dict[str, list[bool]] = defaultdict(list)
     for k, q in enumerate(strangers):
-        per_stranger[str(k)].append(q.best_similarity < threshold)
+        per_stranger[q.stranger if q.stranger is not None else f"query{k}"].append(q.best_similarity < threshold)
     return {
         "threshold": threshold,
         "assigned": len(assigned),
@@ -78,7 +80,7 @@ def at_threshold(queries: Sequence[Query], threshold: float) -> dict[str, Any]:
         if strangers
         else None,
         "baks": _balanced(per_known),
-        "baus": float(np.mean([v[0] for v in per_stranger.values()])) if per_stranger else None,
+        "baus": _balanced(per_stranger),
     }
 
 

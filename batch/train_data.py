@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import random
@@ -100,10 +101,10 @@ def render_demo_set(
     """Render a synthetic training set: ``individuals`` deer of ``seed``, ``per_individual`` frames each, with
     the demo's variation (pose, scale, flip, light, infrared night, blur, noise). Deterministic; a complete
     set already there is reused."""
-    if (out / MANIFEST).is_file():
-        samples = read_manifest(out)
-        if len(samples) == individuals * per_individual:
-            return samples
+    params = {"seed": seed, "individuals": individuals, "per_individual": per_individual}
+    if (out / MANIFEST).is_file() and (out / "params.json").is_file():
+        if json.loads((out / "params.json").read_text()) == params:
+            return read_manifest(out)
     rng = random.Random(seed)
     jobs, samples = [], []
     for individual in range(individuals):
@@ -116,6 +117,7 @@ def render_demo_set(
         for done, _ in enumerate(pool.map(_render_demo_crop, jobs, chunksize=8), start=1):
             if done % 500 == 0 or done == len(jobs):
                 logger.info("rendered %d/%d training crops", done, len(jobs))
+    (out / "params.json").write_text(json.dumps(params))
     write_manifest(out, samples)
     return samples
 
@@ -200,8 +202,8 @@ def split(
     names = sorted(by_individual)
     rng = random.Random(seed)
     rng.shuffle(names)
-    held = max(2, round(len(names) * val_fraction)) if len(names) >= 4 else 0
-    strangers = set(names[: round(held * stranger_fraction)])
+    held = max(2, round(len(names) * val_fraction)) if len(names) >= 4 and val_fraction > 0 else 0
+    strangers = names[: round(held * stranger_fraction)]
     known = names[len(strangers) : held]
     out = Split([], [], [], [])
     for name in names[held:]:

@@ -28,6 +28,12 @@ echo "== schema"
 echo "== demo data"
 "$PY" -m batch.demo_data --sites 2 --cameras 6 --deer 40 --images "${TRAILCAM_DEMO_IMAGES:-3000}" --seed 7
 
+echo "== re-ID training set"
+# The demo generator's own training set: its own seed (1001) and deer, none of them in the demo data set,
+# so the model deployed below is measured on individuals it never saw. Rendered once, then reused.
+TRAIN_SET="$DATA/train/demo-seed1001"
+"$PY" -m batch.train_data --demo "$TRAIN_SET" --seed 1001 --individuals 60 --per-individual 40
+
 echo "== development API key"
 "$PY" cluster/local/dev_key.py "$DATA/dev-api-key"
 
@@ -54,12 +60,21 @@ else
     echo "started a Ray head (GCS 127.0.0.1:$GCS_PORT, temp dir $RAY_TMP)"
 fi
 
-echo "== deploy serve_config.yaml"
+echo "== re-ID model"
+# MobileNetV2 from ImageNet weights, fine-tuned on Ray Train (batch.train) on the training set above. The
+# first run trains it (progress lines below, a few minutes on two cores) and caches it under .data/models;
+# later runs find the same run's model there and reuse it.
+"$PY" -m batch.train --data "$TRAIN_SET" --out "$DATA/models" --storage "$DATA/train-runs" \
+    --address "127.0.0.1:$GCS_PORT" --reuse | tee "$DATA/model.txt"
+CARD="$(sed -n 's/^model file: \(.*\)\.safetensors.*/\1.card.json/p' "$DATA/model.txt")"
+"$PY" cluster/local/serve_config.py --card "$CARD" --out "$DATA/serve_config.yaml"
+
+echo "== deploy serve_config.yaml with that model (.data/serve_config.yaml)"
 for _ in $(seq 1 60); do
     curl -fsS "http://$DASHBOARD/api/version" >/dev/null 2>&1 && break
     sleep 1
 done
-"$SERVE" deploy serve_config.yaml --address "http://$DASHBOARD"
+"$SERVE" deploy "$DATA/serve_config.yaml" --address "http://$DASHBOARD"
 
 echo "== waiting for $API/readyz"
 for i in $(seq 1 300); do
@@ -70,6 +85,9 @@ for i in $(seq 1 300); do
         echo "  docs       $API/docs"
         echo "  dashboard  http://$DASHBOARD"
         echo "  stop with  make down"
+        echo "  model      $(sed -n 's/^# Model card: //p' "$DATA/model.txt") (card: $CARD)"
+        grep -E "^- (top-1|recommended|at it)" "$DATA/model.txt" | sed 's/^/             /'
+
         exit 0
     fi
     sleep 1

@@ -30,7 +30,6 @@ from serve_app.reid.model_spec import PACKAGED, PRETRAINED, RANDOM_WEIGHTS, TIMM
 logger = logging.getLogger(__name__)
 
 REID_FORMAT = "trailcam-reid-model/1"
-_HEAD_PREFIXES = ("fc.", "classifier.", "heads.", "head.")
 
 
 def packaged_weights(architecture: str) -> PackagedWeights:
@@ -103,9 +102,9 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def load_backbone_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Load backbone tensors (classifier keys ignored); every backbone tensor must be present."""
-    backbone = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-    missing, _unexpected = model.load_state_dict(backbone, strict=False)
+    """Load backbone tensors; every tensor of the (headless) model must be present, keys it lacks (a
+    checkpoint's classifier) are ignored."""
+    missing, _unexpected = model.load_state_dict(dict(state), strict=False)
     if missing:
         raise ValueError(f"weights {source} lack {len(missing)} backbone tensors, e.g. {missing[0]}")
 

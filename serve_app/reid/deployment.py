@@ -78,7 +78,9 @@ class ReIDArgs(BaseModel):
 
     architecture: str = "resnet50"
     weights: str = Field(
-        default=RANDOM_WEIGHTS, description="'random' (seeded) or a local state-dict/TorchScript path."
+        default=RANDOM_WEIGHTS,
+        description="'imagenet' (packaged), a local state-dict/safetensors/re-ID model/TorchScript path, or"
+        " 'random' (seeded; tests only). See docs/models.md.",
     )
     seed: int = 7
     input_size_px: int = Field(default=224, ge=16)

@@ -14,16 +14,17 @@ def test_figures_at_a_threshold_count_strangers_as_wrong_assignments() -> None:
         Query(0.9, "a", "a"),  # right, assigned at 0.5
         Query(0.8, "b", "a"),  # wrong individual, assigned
         Query(0.4, "a", "a"),  # right but below 0.5: unassigned
-        Query(0.7, "b", None),  # stranger assigned: wrong
-        Query(0.3, "a", None),  # stranger left unassigned
+        Query(0.7, "b", None, "s1"),  # stranger assigned: wrong
+        Query(0.3, "a", None, "s1"),  # stranger left unassigned
+        Query(0.2, "a", None, "s2"),  # another stranger, its one query left unassigned
     ]
     point = at_threshold(queries, 0.5)
     assert point["assigned"] == 3
     assert point["precision"] == pytest.approx(1 / 3)
     assert point["known_assigned"] == pytest.approx(2 / 3)
-    assert point["strangers_unassigned"] == pytest.approx(1 / 2)
+    assert point["strangers_unassigned"] == pytest.approx(2 / 3)
     assert point["baks"] == pytest.approx(1 / 3)  # one individual, one of three right
-    assert point["baus"] == pytest.approx(1 / 2)
+    assert point["baus"] == pytest.approx((1 / 2 + 1) / 2)  # balanced over the two strangers
 
 
 def test_recommendation_is_the_lowest_threshold_reaching_the_target() -> None:

@@ -90,3 +90,47 @@ def test_gpu_config_differs_from_the_cpu_config_only_in_gpu_knobs() -> None:
     assert not unexpected, f"serve_config.gpu.yaml drifted from serve_config.yaml at {unexpected}"
     cpu_batch = by_name(cpu["applications"])["trailcam"]["args"]["reid"]["max_batch_size"]
     assert by_name(gpu["applications"])["trailcam"]["args"]["reid"]["max_batch_size"] >= cpu_batch
+
+
+def test_make_run_config_is_serve_config_with_the_cards_model_and_threshold(tmp_path: Path) -> None:
+    """cluster/local/serve_config.py: the card's model and recommended threshold, everything else untouched."""
+    import json
+    import subprocess
+    import sys
+
+    card = {
+        "architecture": "mobilenet_v2",
+        "weights_path": "/models/x.safetensors",
+        "input_size_px": 128,
+        "recommended_thresholds": {"accept": 0.71, "precision_target": 0.95},
+    }
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "serve_config.yaml"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cluster" / "local" / "serve_config.py"),
+            "--card",
+            str(tmp_path / "card.json"),
+            "--out",
+            str(out),
+        ],
+        check=True,
+    )
+    base, made = load(CPU), load(out)
+    changed = differences(base, made)
+    reid = ("applications", "trailcam", "args", "reid")
+    assert set(changed) <= {
+        (*reid, "architecture"),
+        (*reid, "weights"),
+        (*reid, "input_size_px"),
+        (*reid, "user_config", "accept_threshold"),
+        (*reid, "user_config", "review_threshold"),
+    }
+    args = by_name(made["applications"])["trailcam"]["args"]["reid"]
+    assert args["weights"] == "/models/x.safetensors" and args["input_size_px"] == 128
+    base_user = by_name(base["applications"])["trailcam"]["args"]["reid"]["user_config"]
+    assert args["user_config"]["accept_threshold"] == 0.71
+    band = base_user["accept_threshold"] - base_user["review_threshold"]
+    assert args["user_config"]["review_threshold"] == pytest.approx(0.71 - band)
+    ServeDeploySchema.model_validate(made)

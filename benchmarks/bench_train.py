@@ -1,0 +1,113 @@
+"""Training samples/s through Ray Train vs a plain single-process PyTorch loop, same model, data and batch size.
+
+Both run the project's own training step (``batch.training``: the pretrained backbone with its embedding
+and ArcFace heads, the trail-camera augmentations, AdamW) over the same rendered training set; each is timed
+over its steps after one warm-up step, excluding start-up (Ray Train's worker start, the data load).
+``--quick`` (or BENCH_QUICK=1): fewer steps at 96 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batch.train_data import read_manifest, render_demo_set, split
+from batch.training import TrainConfig, build_trainee, loader, optimizer_for, training_set
+from benchmarks.common import write_results
+
+
+def _timed_steps(config: TrainConfig, *, steps: int, threads: int) -> float:
+    """Samples/s of ``steps`` training steps after one warm-up step, in this process."""
+    torch.set_num_threads(threads)
+    root = Path(config.data)
+    samples = read_manifest(root)
+    parts = split(samples, seed=config.seed, val_fraction=config.val_fraction)
+    dataset, names = training_set(root, samples, parts, config.input_size_px)
+    trainee = build_trainee(config, len(names))
+    model: Any = trainee
+    try:
+        import ray.train.torch
+
+        if ray.train.get_context() is not None:
+            model = ray.train.torch.prepare_model(trainee)
+    except (ImportError, RuntimeError):
+        pass
+    optimizer = optimizer_for(model, config)
+    model.train()
+    batches = iter(loader(dataset, config, epoch=0))
+    done, started = 0, 0.0
+    for step in range(steps + 1):
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader(dataset, config, epoch=step))
+            images, labels = next(batches)
+        loss = model(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step == 0:
+            started = time.perf_counter()
+        else:
+            done += len(labels)
+    return done / (time.perf_counter() - started)
+
+
+def _ray_train_worker(params: dict[str, Any]) -> float:
+    return _timed_steps(TrainConfig(**params["config"]), steps=params["steps"], threads=params["threads"])
+
+
+def through_ray_train(config: TrainConfig, *, steps: int, threads: int, storage: Path) -> float:
+    """The same steps inside one Ray Train worker (TorchTrainer, gloo)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        worker: Any = _ray_train_worker  # Train V2 returns the worker's value (its stubs say None)
+        trainer = TorchTrainer(
+            worker,
+            train_loop_config={"config": config.as_json(), "steps": steps, "threads": threads},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            run_config=ray.train.RunConfig(name="bench-train", storage_path=str(storage)),
+        )
+        result: Any = trainer.fit()  # Train V2: the rank-0 worker's return value is on the result
+        return float(result.return_value)
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render a training set, time both loops, print and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    size, steps = (96, 6) if args.quick else (128, 20)
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train"
+        render_demo_set(data, seed=5150, individuals=16, per_individual=12)
+        config = TrainConfig(data=str(data), input_size_px=size, batch_size=args.batch_size, val_fraction=0.25)
+        plain = _timed_steps(config, steps=steps, threads=threads)
+        ray_rate = through_ray_train(dataclasses.replace(config), steps=steps, threads=threads, storage=Path(tmp))
+    case = f"{config.architecture} {size}px batch {args.batch_size}, {steps} steps, {threads} threads"
+    rows: list[dict[str, Any]] = [
+        {"case": f"Ray Train, one worker ({case})", "metric": "samples/s", "value": ray_rate, "unit": "samples/s"},
+        {"case": f"plain PyTorch loop ({case})", "metric": "samples/s", "value": plain, "unit": "samples/s"},
+        {"case": "Ray Train / plain loop", "metric": "ratio", "value": ray_rate / plain, "unit": "x",
+         "target": ">= 0.8"},
+    ]  # fmt: skip
+    write_results("train", rows, meta={"quick": args.quick, "cpus": threads, "cuda": torch.cuda.is_available()})
+
+
+if __name__ == "__main__":
+    main()
