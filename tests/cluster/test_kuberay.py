@@ -76,6 +76,9 @@ def test_the_expected_resources_exist() -> None:
     entrypoints = [doc["spec"]["entrypoint"] for doc in documents("RayJob")]
     assert any(e.startswith("python -m batch.backfill") for e in entrypoints)
     assert any(e.startswith("python -m batch.analyze --model-version ") and " --out " in e for e in entrypoints)
+    assert any(
+        e.startswith("python -m batch.train_data --from-db") and "python -m batch.train " in e for e in entrypoints
+    )
 
 
 @needs_crds
