@@ -72,8 +72,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Recommendation",
         "",
         f"- Current threshold: {report['current_threshold']:.2f}",
-        f"- Recommended threshold (two-Gaussian mixture): {report['recommended_threshold']:.3f} - "
-        + (mixture["reason"] if mixture else "no scores"),
+        f"- Recommended threshold: {report['recommended_threshold']:.3f} ({report['recommendation_source']})"
+        + (
+            ""
+            if report["decision_quality"] and report["decision_quality"]["recommended"]["threshold"] is not None
+            else " - " + (mixture["reason"] if mixture else "no scores")
+        ),
+        f"- Review band from: {report['review_threshold']} (assignments there right at least half the time)",
         f"- Trust it: {'yes' if report['recommendation_trusted'] else 'NO'}",
         "",
         "![histogram](histogram.png)",
@@ -97,6 +102,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     else:
         lines.append("No manual decisions with a score computed before the review: no precision/recall.")
+    quality = report["decision_quality"]
+    if quality:
+        at = quality["at_recommended"] or {}
+        lines += ["", f"## Decision quality (against {quality['source']})", "",
+                  f"- top-1 on known individuals: {_pct(quality['top1_known'])} of {quality['known_queries']};"
+                  f" {quality['stranger_queries']} stranger detections",
+                  f"- precision target {quality['precision_target']}: {quality['recommended']['reason']}",
+                  f"- at it: precision {_pct(at.get('precision'))}, known assigned {_pct(at.get('known_assigned'))},"
+                  f" strangers left unassigned {_pct(at.get('strangers_unassigned'))}, BAKS {_pct(at.get('baks'))},"
+                  f" BAUS {_pct(at.get('baus'))}", "",
+                  "| threshold | precision | known assigned | strangers unassigned | BAKS | BAUS |",
+                  "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"| {p['threshold']:.2f} | {_pct(p['precision'])} | {_pct(p['known_assigned'])} "
+            f"| {_pct(p['strangers_unassigned'])} | {_pct(p['baks'])} | {_pct(p['baus'])} |"
+            for p in quality["curve"]
+            if round(p["threshold"] * 100) % 5 == 0
+        ]
     truth = report["ground_truth"]
     if truth:
         lines += ["", "## Against the demo ground truth", ""]

@@ -13,12 +13,15 @@ import numpy as np
 import psycopg
 
 from batch.mixture import fit_mixture
+from batch.quality import DEFAULT_PRECISION_TARGET, Query, evaluate
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD
 from serve_app.reid.model_spec import version_has_random_weights
 
 RATE_THRESHOLDS = [round(0.30 + 0.05 * i, 2) for i in range(13)]  # 0.30 .. 0.90
 F1_GRID = [round(0.01 * i, 2) for i in range(101)]
 HIST_BINS = 400  # over [-1, 1]: 0.005 wide
+REVIEW_PRECISION = 0.5
+"""The review band starts where an automatic assignment would be right at least this often."""
 
 _SCOPE = """
 JOIN detections d ON d.id = s.detection_id
@@ -98,6 +101,40 @@ def labelled_table(
     return out
 
 
+# One row per scored detection with its truth: the generator's on demo data (strangers have no deer).
+TRUTH_ROWS_SQL = (
+    TOP1_CTE
+    + """ SELECT top1.deer_id, top1.similarity, g.deer_id AS true_deer, g.individual
+FROM top1 JOIN demo_ground_truth g ON g.detection_id = top1.detection_id"""
+)
+# Manual decisions taken after the score (a fair test; every one names a known deer).
+LABELLED_ROWS_SQL = LABELLED_CTE + " SELECT deer_id, similarity, true_deer, NULL::int AS individual FROM labelled"
+
+
+def decision_quality(
+    conn: psycopg.Connection[Any], args: dict[str, Any], *, target: float = DEFAULT_PRECISION_TARGET
+) -> dict[str, Any] | None:
+    """Top-1, BAKS/BAUS, precision and rates per threshold and the precision-target threshold, against the
+    demo ground truth where there is one, else against manual decisions made after the score."""
+    source, rows = "demo ground truth", conn.execute(TRUTH_ROWS_SQL, args).fetchall()
+    if not rows:
+        source, rows = "manual decisions made after the score", conn.execute(LABELLED_ROWS_SQL, args).fetchall()
+    if not rows:
+        return None
+    queries = [
+        Query(
+            float(r["similarity"]),
+            str(r["deer_id"]),
+            None if r["true_deer"] is None else str(r["true_deer"]),
+            None if r["true_deer"] is not None else f"individual {r['individual']}",
+        )
+        for r in rows
+    ]
+    result = evaluate(queries, target=target)
+    review = next((p["threshold"] for p in result["curve"] if (p["precision"] or 0) >= REVIEW_PRECISION), None)
+    return {"source": source, "review_threshold": review, **result}
+
+
 def truth_table(conn: psycopg.Connection[Any], args: dict[str, Any], thresholds: list[float]) -> list[dict[str, Any]]:
     """Against the demo generator's ground truth: assignment precision/recall, strangers left unassigned."""
     out = []
@@ -120,13 +157,22 @@ def build_report(
     model_version: str,
     sites: list[int] | None,
     current_threshold: float = DEFAULT_ACCEPT_THRESHOLD,
+    precision_target: float = DEFAULT_PRECISION_TARGET,
 ) -> dict[str, Any]:
-    """The whole report as a JSON-ready dict (histogram counts included, for the PNG)."""
+    """The whole report as a JSON-ready dict (histogram counts included, for the PNG). The recommended
+    threshold is the lowest whose precision reaches the target when enough labels exist, the mixture fit's
+    otherwise."""
     args = {"mv": model_version, "sites": sites}
     edges, centers, counts = histogram(conn, args)
     total = int(counts.sum())
     fit = fit_mixture(centers, counts)
-    recommended = fit.threshold if fit is not None and fit.threshold is not None else current_threshold
+    quality = decision_quality(conn, args, target=precision_target)
+    by_precision = quality["recommended"]["threshold"] if quality else None
+    if by_precision is not None:
+        recommended, source = float(by_precision), f"lowest threshold with precision >= {precision_target}"
+    else:
+        recommended = fit.threshold if fit is not None and fit.threshold is not None else current_threshold
+        source = "two-Gaussian mixture fit"
     rates = [
         {"threshold": round(r["t"], 2), "assigned": r["assigned"], "rate": _ratio(r["assigned"], r["total"])}
         for r in conn.execute(RATES_SQL, {**args, "ts": RATE_THRESHOLDS})
@@ -152,7 +198,10 @@ def build_report(
         "detections": total,
         "current_threshold": current_threshold,
         "recommended_threshold": round(recommended, 4),
-        "recommendation_trusted": bool(fit and fit.trusted) and not random_weights,
+        "recommendation_source": source,
+        "recommendation_trusted": (by_precision is not None or bool(fit and fit.trusted)) and not random_weights,
+        "review_threshold": quality["review_threshold"] if quality else None,
+        "decision_quality": quality,
         "mixture": fit.as_json() if fit else None,
         "assignment_rates": rates,
         "labelled": {

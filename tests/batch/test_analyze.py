@@ -74,7 +74,7 @@ def test_analyze_writes_three_files_with_rates_equal_to_sql_and_both_lines(
     for rate in report["assignment_rates"]:
         assigned, total = sql_rate(fresh, TRAINED, rate["threshold"])
         assert rate["assigned"] == assigned and rate["rate"] == pytest.approx(assigned / total, abs=1e-6)
-    assert report["recommendation_trusted"] and 0.35 < report["recommended_threshold"] < 0.7
+    assert report["recommendation_trusted"] and 0.3 <= report["recommended_threshold"] < 0.7
     assert not report["random_weights"] and report["warnings"] == []
     # Bars, the current threshold line (red) and the recommended one (green) are all drawn.
     png = tmp_path / "histogram.png"
@@ -82,10 +82,22 @@ def test_analyze_writes_three_files_with_rates_equal_to_sql_and_both_lines(
     assert color_pixels(png, CURRENT_COLOR) > 200 and color_pixels(png, RECOMMENDED_COLOR) > 200
     truth = report["ground_truth"]["at_recommended"]
     assert truth["precision"] > 0.9 and truth["correct_unassigned_rate"] > 0.9
+    # Decision quality against the generator's truth: the recommendation is the precision-target threshold.
+    quality = report["decision_quality"]
+    assert quality["source"] == "demo ground truth" and 0.75 < quality["top1_known"] < 0.9
+    assert report["recommended_threshold"] == quality["recommended"]["threshold"]
+    assert report["recommendation_source"] == "lowest threshold with precision >= 0.95"
+    at = quality["at_recommended"]
+    assert at["precision"] >= 0.95 and at["strangers_unassigned"] > 0.95 and 0.7 < at["known_assigned"] < 0.9
+    assert 0 < at["baus"] <= 1 and 0 < at["baks"] <= at["known_assigned"]
+    lower = [p for p in quality["curve"] if p["threshold"] < report["recommended_threshold"]]
+    assert all((p["precision"] or 0) < 0.95 for p in lower)
+    assert report["review_threshold"] is not None and report["review_threshold"] <= report["recommended_threshold"]
     best = report["labelled"]["f1_best"]
     assert report["labelled"]["samples"] > 0 and best["f1"] > 0.5
     text = (tmp_path / "report.md").read_text()
     assert "Assignment rate per threshold" in text and "F1-best threshold" in text and "ground truth" in text
+    assert "Decision quality (against demo ground truth)" in text and "BAUS" in text
 
 
 def test_random_weights_and_unimodal_scores_are_called_meaningless(
