@@ -305,8 +305,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         f"- top-1 on known individuals: {_pct(v.get('top1_known'))}",
         f"- recommended accept threshold: {card['recommended_thresholds']['accept']}"
-        f" (lowest with precision >= {card['recommended_thresholds']['precision_target']};"
-        f" {v.get('recommended', {}).get('reason', '')})",
+        f" ({v.get('recommended', {}).get('reason', 'no validation figures')})",
         f"- at it: precision {_pct(at.get('precision'))}, known assigned {_pct(at.get('known_assigned'))},"
         f" strangers left unassigned {_pct(at.get('strangers_unassigned'))}, BAKS {_pct(at.get('baks'))},"
         f" BAUS {_pct(at.get('baus'))}",
