@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the project with its dev tools
 
-run: $(STAMP) ## Start services, migrate, load demo data, start Ray and deploy; returns when ready
+run: $(STAMP) ## Start services, migrate, load demo data, start Ray, fine-tune the demo model (first run) and deploy; returns when ready
 	@bash cluster/local/up.sh
 
 down: ## Stop what `make run` started (and nothing else)
