@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -83,8 +84,6 @@ def _save_crop(image: Image.Image, path: Path) -> None:
 def _render_demo_crop(args: tuple[int, int, int, bool, str]) -> str:
     seed, individual, frame_seed, night, path = args
     data, (x, y, w, h) = render_frame(make_individual(seed, individual), frame_seed=frame_seed, night=night)
-    import io
-
     with Image.open(io.BytesIO(data)) as frame:
         _save_crop(crop(frame.convert("RGB"), BBox(x, y, w, h)), Path(path))
     return path

@@ -75,12 +75,12 @@ def _packaged_state(weights: PackagedWeights, backbone: torch.nn.Module) -> dict
     if found != weights.sha256:
         raise ValueError(f"{path}: SHA-256 {found} is not the pinned {weights.sha256}")
     values = list(torch.load(path, map_location="cpu", weights_only=True).values())
-    target = [k for k in backbone.state_dict() if k.startswith("features.")]
-    if len(values) != len(target):
-        raise ValueError(f"{path}: {len(values)} tensors, {weights.architecture} features have {len(target)}")
-    state = dict(zip(target, values, strict=True))
+    expected = {k: v for k, v in backbone.state_dict().items() if k.startswith("features.")}
+    if len(values) != len(expected):
+        raise ValueError(f"{path}: {len(values)} tensors, {weights.architecture} features have {len(expected)}")
+    state = dict(zip(expected, values, strict=True))
     for key, value in state.items():
-        if tuple(value.shape) != tuple(backbone.state_dict()[key].shape):
+        if value.shape != expected[key].shape:
             raise ValueError(f"{path}: tensor for {key} has shape {tuple(value.shape)}")
     return state
 
