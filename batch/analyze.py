@@ -2,7 +2,8 @@
 
 ``python -m batch.analyze --model-version V --out DIR [--site ID ...]`` (also submittable with
 ``ray job submit ... -- python -m batch.analyze ...``). The report is also stored in Postgres, where
-``GET /api/reid/threshold-report`` serves the latest one for the caller's sites.
+``GET /api/reid/threshold-report`` serves the latest one for the caller's sites. ``--compare W`` (repeatable)
+adds other versions side by side (comparison.md, comparison.png; see batch/compare.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import psycopg
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from batch.compare import draw_comparison, render_comparison
+from batch.quality import DEFAULT_PRECISION_TARGET, DEFAULT_STRANGER_TARGET
 from batch.report import build_report
 from serve_app.config import get_settings
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD
@@ -154,12 +157,16 @@ def resolve_model_version(conn: psycopg.Connection[Any], model_version: str) -> 
 def analyze(
     dsn: str, *, model_version: str, out: Path, sites: list[int] | None = None,
     current_threshold: float = DEFAULT_ACCEPT_THRESHOLD, store: bool = True,
+    precision_target: float = DEFAULT_PRECISION_TARGET, stranger_target: float = DEFAULT_STRANGER_TARGET,
 ) -> dict[str, Any]:  # fmt: skip
     """Build, write and store the report; returns it."""
     out.mkdir(parents=True, exist_ok=True)
     with connect(dsn) as conn:
         model_version = resolve_model_version(conn, model_version)
-        report = build_report(conn, model_version=model_version, sites=sites, current_threshold=current_threshold)
+        report = build_report(
+            conn, model_version=model_version, sites=sites, current_threshold=current_threshold,
+            precision_target=precision_target, stranger_target=stranger_target,
+        )  # fmt: skip
         if store:
             report["report_id"] = store_report(conn, model_version=model_version, sites=sites, report=report)
             conn.commit()
@@ -176,18 +183,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json, histogram.png")
     parser.add_argument("--site", type=int, action="append", dest="sites", help="site id (repeatable; default all)")
     parser.add_argument("--current-threshold", type=float, default=DEFAULT_ACCEPT_THRESHOLD)
+    parser.add_argument(
+        "--precision-target",
+        type=float,
+        default=DEFAULT_PRECISION_TARGET,
+        help="assignment precision the recommended threshold must reach (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stranger-target",
+        type=float,
+        default=DEFAULT_STRANGER_TARGET,
+        help="share of labelled strangers it must leave unassigned (default %(default)s)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="VERSION",
+        help="another model version to put side by side (repeatable)",
+    )
     parser.add_argument("--no-store", action="store_true", help="do not store the report in Postgres")
     parser.add_argument("--database-url", help="default: TRAILCAM_DATABASE_URL")
     args = parser.parse_args(argv)
+    for name in ("precision_target", "stranger_target"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    common = {
+        "sites": sorted(set(args.sites)) if args.sites else None, "current_threshold": args.current_threshold,
+        "store": not args.no_store, "precision_target": args.precision_target,
+        "stranger_target": args.stranger_target,
+    }  # fmt: skip
+    dsn = args.database_url or get_settings().database_dsn
     try:
-        report = analyze(
-            args.database_url or get_settings().database_dsn, model_version=args.model_version, out=args.out,
-            sites=sorted(set(args.sites)) if args.sites else None, current_threshold=args.current_threshold,
-            store=not args.no_store,
-        )  # fmt: skip
+        report = analyze(dsn, model_version=args.model_version, out=args.out, **common)
+        compared = [
+            analyze(dsn, model_version=version, out=args.out / f"compare-{n}", **common)
+            for n, version in enumerate(args.compare, start=1)
+        ]
     except ValueError as exc:
         parser.error(str(exc))
+    if compared:
+        (args.out / "comparison.md").write_text(render_comparison([report, *compared]))
+        draw_comparison([report, *compared], args.out / "comparison.png")
+        print(f"wrote {args.out / 'comparison.md'} and comparison.png ({1 + len(compared)} model versions)")
     for warning in report["warnings"]:
         print(f"WARNING: {warning}")
     trusted = "trusted" if report["recommendation_trusted"] else "NOT trusted"

@@ -11,8 +11,12 @@ stranger: an individual with no gallery, which the matcher should leave unassign
   or not); strangers unassigned: share of stranger queries left unassigned.
 - BAKS / BAUS (as AnimalCLEF scores re-ID): accuracy per individual averaged over individuals, on known
   individuals (correct assignment) and on unknown ones (left unassigned).
-- recommended accept threshold: the lowest threshold whose precision reaches the target, when enough
-  labelled queries exist; None otherwise (the caller falls back to the mixture fit).
+- recommended accept threshold: the lowest threshold whose precision reaches the target and, when the
+  labelled queries include strangers, that leaves at least the stranger target of them unassigned, when
+  enough labelled queries exist; None otherwise (the caller falls back to the mixture fit). Strangers are
+  a small share of trail-camera detections, so precision alone barely sees them: without the second
+  condition a threshold that assigns most new individuals to someone else could still reach 95% precision.
+  Manual decisions always name a known individual; against them only precision applies.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_PRECISION_TARGET = 0.95
+DEFAULT_STRANGER_TARGET = 0.90
+"""Share of strangers' detections the recommended threshold must leave unassigned (when strangers are labelled)."""
 MIN_LABELLED = 50
 """Fewest labelled queries (known and strangers together) a threshold recommendation rests on."""
 THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.01))
@@ -85,15 +91,28 @@ def at_threshold(queries: Sequence[Query], threshold: float) -> dict[str, Any]:
 
 
 def recommend(
-    curve: Sequence[dict[str, Any]], *, target: float, labelled: int, min_labelled: int = MIN_LABELLED
+    curve: Sequence[dict[str, Any]],
+    *,
+    target: float,
+    labelled: int,
+    min_labelled: int = MIN_LABELLED,
+    stranger_target: float = DEFAULT_STRANGER_TARGET,
 ) -> dict[str, Any]:
-    """The lowest threshold whose precision reaches ``target``, or why there is none."""
+    """The lowest threshold whose precision reaches ``target`` (and that leaves ``stranger_target`` of the
+    strangers unassigned, where strangers are labelled), or why there is none."""
     if labelled < min_labelled:
         return {"threshold": None, "reason": f"{labelled} labelled queries, fewer than {min_labelled}"}
+    strangers = any(point.get("strangers_unassigned") is not None for point in curve)
+    rule = f"lowest threshold with precision >= {target}" + (
+        f" and >= {stranger_target:.0%} of strangers left unassigned" if strangers else ""
+    )
     for point in curve:
-        if point["precision"] is not None and point["precision"] >= target and point["assigned"] > 0:
-            return {"threshold": point["threshold"], "reason": f"lowest threshold with precision >= {target}"}
-    return {"threshold": None, "reason": f"no threshold reaches precision {target}"}
+        if point["precision"] is None or point["precision"] < target or point["assigned"] == 0:
+            continue
+        if strangers and (point.get("strangers_unassigned") or 0.0) < stranger_target:
+            continue
+        return {"threshold": point["threshold"], "reason": rule}
+    return {"threshold": None, "reason": f"no threshold meets the rule ({rule})"}
 
 
 def evaluate(
@@ -102,17 +121,21 @@ def evaluate(
     target: float = DEFAULT_PRECISION_TARGET,
     thresholds: Sequence[float] = THRESHOLDS,
     min_labelled: int = MIN_LABELLED,
+    stranger_target: float = DEFAULT_STRANGER_TARGET,
 ) -> dict[str, Any]:
     """Top-1, the per-threshold curve, the recommended threshold and the figures at it."""
     known = [q for q in queries if q.truth is not None]
     curve = [at_threshold(queries, t) for t in thresholds]
-    recommendation = recommend(curve, target=target, labelled=len(queries), min_labelled=min_labelled)
+    recommendation = recommend(
+        curve, target=target, labelled=len(queries), min_labelled=min_labelled, stranger_target=stranger_target
+    )
     at = at_threshold(queries, recommendation["threshold"]) if recommendation["threshold"] is not None else None
     return {
         "known_queries": len(known),
         "stranger_queries": len(queries) - len(known),
         "top1_known": sum(q.best_individual == q.truth for q in known) / len(known) if known else None,
         "precision_target": target,
+        "stranger_target": stranger_target if len(queries) > len(known) else None,
         "recommended": recommendation,
         "at_recommended": at,
         "curve": curve,

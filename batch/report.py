@@ -13,7 +13,7 @@ import numpy as np
 import psycopg
 
 from batch.mixture import fit_mixture
-from batch.quality import DEFAULT_PRECISION_TARGET, Query, evaluate
+from batch.quality import DEFAULT_PRECISION_TARGET, DEFAULT_STRANGER_TARGET, Query, evaluate
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD
 from serve_app.reid.model_spec import version_has_random_weights
 
@@ -112,7 +112,11 @@ LABELLED_ROWS_SQL = LABELLED_CTE + " SELECT deer_id, similarity, true_deer, NULL
 
 
 def decision_quality(
-    conn: psycopg.Connection[Any], args: dict[str, Any], *, target: float = DEFAULT_PRECISION_TARGET
+    conn: psycopg.Connection[Any],
+    args: dict[str, Any],
+    *,
+    target: float = DEFAULT_PRECISION_TARGET,
+    stranger_target: float = DEFAULT_STRANGER_TARGET,
 ) -> dict[str, Any] | None:
     """Top-1, BAKS/BAUS, precision and rates per threshold and the precision-target threshold, against the
     demo ground truth where there is one, else against manual decisions made after the score."""
@@ -130,7 +134,7 @@ def decision_quality(
         )
         for r in rows
     ]
-    result = evaluate(queries, target=target)
+    result = evaluate(queries, target=target, stranger_target=stranger_target)
     review = next((p["threshold"] for p in result["curve"] if (p["precision"] or 0) >= REVIEW_PRECISION), None)
     return {"source": source, "review_threshold": review, **result}
 
@@ -158,18 +162,19 @@ def build_report(
     sites: list[int] | None,
     current_threshold: float = DEFAULT_ACCEPT_THRESHOLD,
     precision_target: float = DEFAULT_PRECISION_TARGET,
+    stranger_target: float = DEFAULT_STRANGER_TARGET,
 ) -> dict[str, Any]:
     """The whole report as a JSON-ready dict (histogram counts included, for the PNG). The recommended
-    threshold is the lowest whose precision reaches the target when enough labels exist, the mixture fit's
-    otherwise."""
+    threshold is the lowest whose precision reaches the target (and that leaves the stranger target of
+    labelled strangers unassigned) when enough labels exist, the mixture fit's otherwise."""
     args = {"mv": model_version, "sites": sites}
     edges, centers, counts = histogram(conn, args)
     total = int(counts.sum())
     fit = fit_mixture(centers, counts)
-    quality = decision_quality(conn, args, target=precision_target)
+    quality = decision_quality(conn, args, target=precision_target, stranger_target=stranger_target)
     by_precision = quality["recommended"]["threshold"] if quality else None
-    if by_precision is not None:
-        recommended, source = float(by_precision), f"lowest threshold with precision >= {precision_target}"
+    if quality is not None and by_precision is not None:
+        recommended, source = float(by_precision), str(quality["recommended"]["reason"])
     else:
         recommended = fit.threshold if fit is not None and fit.threshold is not None else current_threshold
         source = "two-Gaussian mixture fit"

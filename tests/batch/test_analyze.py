@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from PIL import Image
 
-from batch.analyze import CURRENT_COLOR, RECOMMENDED_COLOR, analyze
+from batch.analyze import CURRENT_COLOR, RECOMMENDED_COLOR, analyze, main
+from batch.compare import COLORS
 from serve_app.reid.scores import copy_scores, score_rows
 from tests import factories
 from tests.batch.conftest import Demo
@@ -21,8 +22,11 @@ from tests.batch.conftest import Demo
 TRAINED = "resnet50-0123456789ab-224"
 
 
-def log_bimodal_scores(conn: psycopg.Connection[Any], model_version: str, *, seed: int = 3) -> None:
-    """Online-style score rows: profiled individuals score high on their own deer, strangers low."""
+def log_bimodal_scores(
+    conn: psycopg.Connection[Any], model_version: str, *, seed: int = 3, hit_rate: float = 0.8
+) -> None:
+    """Online-style score rows: profiled individuals score high on their own deer (``hit_rate`` of them),
+    strangers low."""
     rng = np.random.default_rng(seed)
     dets = conn.execute(
         "SELECT d.id, c.site_id, d.decision, d.deer_id, g.deer_id AS truth FROM detections d"
@@ -37,7 +41,7 @@ def log_bimodal_scores(conn: psycopg.Connection[Any], model_version: str, *, see
     for det in dets:
         deer = profiles[det["site_id"]]
         sims = rng.normal(0.25, 0.05, len(deer))
-        if det["truth"] is not None and rng.random() < 0.8:
+        if det["truth"] is not None and rng.random() < hit_rate:
             sims[deer.index(det["truth"])] = rng.normal(0.8, 0.05)
         rows += score_rows(det["id"], deer_ids=deer, similarities=np.clip(sims, -1, 1), threshold=0.55,
                            assigned_deer_id=None, model_version=model_version)  # fmt: skip
@@ -86,7 +90,9 @@ def test_analyze_writes_three_files_with_rates_equal_to_sql_and_both_lines(
     quality = report["decision_quality"]
     assert quality["source"] == "demo ground truth" and 0.75 < quality["top1_known"] < 0.9
     assert report["recommended_threshold"] == quality["recommended"]["threshold"]
-    assert report["recommendation_source"] == "lowest threshold with precision >= 0.95"
+    assert report["recommendation_source"] == (
+        "lowest threshold with precision >= 0.95 and >= 90% of strangers left unassigned"
+    )
     at = quality["at_recommended"]
     assert at["precision"] >= 0.95 and at["strangers_unassigned"] > 0.95 and 0.7 < at["known_assigned"] < 0.9
     assert 0 < at["baus"] <= 1 and 0 < at["baks"] <= at["known_assigned"]
@@ -98,6 +104,30 @@ def test_analyze_writes_three_files_with_rates_equal_to_sql_and_both_lines(
     text = (tmp_path / "report.md").read_text()
     assert "Assignment rate per threshold" in text and "F1-best threshold" in text and "ground truth" in text
     assert "Decision quality (against demo ground truth)" in text and "BAUS" in text
+
+
+def test_compare_puts_two_model_versions_side_by_side_with_each_reports_figures(
+    demo: Demo, fresh: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    worse = "resnet50-fedcba987654-224"
+    log_bimodal_scores(fresh, TRAINED)
+    log_bimodal_scores(fresh, worse, seed=4, hit_rate=0.4)
+    argv = ["--model-version", TRAINED, "--compare", worse, "--out", str(tmp_path), "--no-store"]
+    assert main([*argv, "--database-url", demo.dsn]) == 0
+    first = json.loads((tmp_path / "report.json").read_text())
+    second = json.loads((tmp_path / "compare-1" / "report.json").read_text())
+    assert (first["model_version"], second["model_version"]) == (TRAINED, worse)
+    text = (tmp_path / "comparison.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| |"))
+    assert header == f"| | `{TRAINED}` | `{worse}` |"
+    top1 = next(line for line in text.splitlines() if line.startswith("| top-1 on known individuals"))
+    cells = [c.strip() for c in top1.strip("|").split("|")][1:]
+    expected = [f"{100 * r['decision_quality']['top1_known']:.1f}%" for r in (first, second)]
+    assert cells == expected and first["decision_quality"]["top1_known"] > second["decision_quality"]["top1_known"]
+    threshold = next(line for line in text.splitlines() if line.startswith("| recommended accept threshold"))
+    assert all(f"{r['recommended_threshold']:.3f}" in threshold for r in (first, second))
+    png = tmp_path / "comparison.png"
+    assert color_pixels(png, COLORS[0]) > 300 and color_pixels(png, COLORS[1]) > 300
 
 
 def test_random_weights_and_unimodal_scores_are_called_meaningless(

@@ -45,7 +45,23 @@ def test_no_recommendation_with_too_few_labels_or_when_no_threshold_reaches_the_
     assert few["recommended"]["threshold"] is None and "fewer than 50" in few["recommended"]["reason"]
     hopeless = evaluate([Query(0.9, "b", "a")] * 60, target=0.95)
     assert hopeless["recommended"]["threshold"] is None
-    assert "no threshold reaches" in hopeless["recommended"]["reason"]
+    assert "no threshold meets the rule" in hopeless["recommended"]["reason"]
+
+
+def test_recommendation_leaves_the_stranger_target_unassigned_when_strangers_are_labelled() -> None:
+    # Strangers are few, so precision reaches 95% at 0.5 while most of them are still assigned to someone.
+    right = [Query(0.5 + 0.005 * k, "x", "x") for k in range(100)]
+    strangers = [Query(0.5 + 0.02 * k, "x", None, f"s{k}") for k in range(10)]  # 0.50 .. 0.68
+    by_precision = evaluate(right + strangers, target=0.90, stranger_target=0.0)
+    assert by_precision["at_recommended"]["strangers_unassigned"] == 0.0  # every stranger assigned to "x"
+    result = evaluate(right + strangers, target=0.90, stranger_target=0.90)
+    threshold = result["recommended"]["threshold"]
+    assert threshold is not None and threshold > 0.66
+    assert result["at_recommended"]["strangers_unassigned"] >= 0.90
+    assert "strangers left unassigned" in result["recommended"]["reason"]
+    without_strangers = evaluate(right, target=0.90)
+    assert without_strangers["recommended"]["threshold"] == by_precision["recommended"]["threshold"]
+    assert "strangers" not in without_strangers["recommended"]["reason"]
 
 
 def test_best_matches_take_the_closest_gallery_vector() -> None:
