@@ -52,6 +52,9 @@ from serve_app.reid.model_spec import ModelSpec, model_version_for
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+VALIDATION_FILE = "validation.json"
+"""The epoch's whole validation (per-threshold curve included), beside the state in each checkpoint: the
+metrics reported to Ray Train stay a few numbers (it logs each report whole)."""
 
 
 def _eta(seconds: float) -> str:
@@ -123,7 +126,6 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             if rank == 0:
                 validation = validate(inner.net, root, samples, parts, config, device=device)
                 metrics.update(summary(validation))
-                metrics["validation"] = json.dumps(validation)
                 state = {
                     "model": inner.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -132,6 +134,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
                     "classes": names,
                 }
                 torch.save(state, Path(folder) / STATE_FILE)
+                (Path(folder) / VALIDATION_FILE).write_text(json.dumps(validation))
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 done = epoch + 1 - start_epoch
                 eta = (time.monotonic() - started) / done * (config.epochs - epoch - 1)
@@ -194,7 +197,11 @@ def fit(
         raise RuntimeError(f"training run {name} ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state, dict(result.metrics or {}), name
+        validation = Path(folder) / VALIDATION_FILE
+        metrics = dict(result.metrics or {})
+        if validation.is_file():
+            metrics["validation"] = validation.read_text()
+    return state, metrics, name
 
 
 def write_model(
@@ -325,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="imagenet", help="starting weights: imagenet or a local file")
     parser.add_argument("--input-size", type=int, default=128, dest="input_size_px")
     parser.add_argument("--embedding-dim", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

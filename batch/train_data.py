@@ -94,7 +94,7 @@ def render_demo_set(
     *,
     seed: int = DEMO_TRAIN_SEED,
     individuals: int = 60,
-    per_individual: int = 40,
+    per_individual: int = 24,
     workers: int | None = None,
 ) -> list[Sample]:
     """Render a synthetic training set: ``individuals`` deer of ``seed``, ``per_individual`` frames each, with
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--demo", type=Path, metavar="OUT", help="a synthetic set with its own seed and deer")
     parser.add_argument("--seed", type=int, default=DEMO_TRAIN_SEED, help="demo set: its seed")
     parser.add_argument("--individuals", type=int, default=60, help="demo set: how many deer")
-    parser.add_argument("--per-individual", type=int, default=40, help="demo set: frames per deer")
+    parser.add_argument("--per-individual", type=int, default=24, help="demo set: frames per deer")
     parser.add_argument("--sites", type=int, nargs="*", help="from the database: only these site ids")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
