@@ -16,6 +16,7 @@ deployed back as it was.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -83,7 +84,10 @@ class ClientControl:
         return client
 
     def details(self) -> dict[str, Any]:
-        return dict(self._client().get_serve_details())
+        # The controller's answer holds enums (status ApplicationStatus.RUNNING, which str() does not write as
+        # "RUNNING"); the dashboard sends it through json.dumps, which writes their values. The same here, so
+        # both controls answer the same shape and wait_running sees "RUNNING".
+        return dict(json.loads(json.dumps(self._client().get_serve_details())))
 
     def deploy(self, config: dict[str, Any]) -> None:
         from ray.serve.schema import ServeDeploySchema

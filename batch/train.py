@@ -104,7 +104,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         if rank == 0:
-            print(f"resumed from the checkpoint of epoch {start_epoch}", flush=True)
+            _progress(f"resumed from the checkpoint of epoch {start_epoch}")
     started = time.monotonic()
     for epoch in range(start_epoch, config.epochs):
         # Augmentations differ per worker and per epoch, and an epoch draws the same ones after a resume.
@@ -139,14 +139,20 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
                 done = epoch + 1 - start_epoch
                 eta = (time.monotonic() - started) / done * (config.epochs - epoch - 1)
                 top1 = metrics["top1_known"]
-                print(
+                _progress(
                     f"epoch {epoch + 1}/{config.epochs} loss {stats['loss']:.3f}"
                     f" val top-1 {top1 if top1 is None else f'{top1:.3f}'}"
                     f" threshold {metrics['recommended_threshold']}"
-                    f" {metrics['samples_per_s']:.0f} samples/s ETA {_eta(eta)}",
-                    flush=True,
+                    f" {metrics['samples_per_s']:.0f} samples/s ETA {_eta(eta)}"
                 )
             ray.train.report(metrics, checkpoint=report_checkpoint)
+
+
+def _progress(line: str) -> None:
+    """A progress line from a worker, written to its stdout (Ray forwards it to the driver). Not print():
+    Ray Train routes a worker's print() to its logger and also to the redirected stdout: every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def run_name(config: TrainConfig, data_digest: str, *, workers: int = 1) -> str:

@@ -93,7 +93,7 @@ def render_demo_set(
     out: Path,
     *,
     seed: int = DEMO_TRAIN_SEED,
-    individuals: int = 60,
+    individuals: int = 100,
     per_individual: int = 24,
     workers: int | None = None,
 ) -> list[Sample]:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--from-db", type=Path, metavar="OUT", help="crops of manually assigned detections")
     source.add_argument("--demo", type=Path, metavar="OUT", help="a synthetic set with its own seed and deer")
     parser.add_argument("--seed", type=int, default=DEMO_TRAIN_SEED, help="demo set: its seed")
-    parser.add_argument("--individuals", type=int, default=60, help="demo set: how many deer")
+    parser.add_argument("--individuals", type=int, default=100, help="demo set: how many deer")
     parser.add_argument("--per-individual", type=int, default=24, help="demo set: frames per deer")
     parser.add_argument("--sites", type=int, nargs="*", help="from the database: only these site ids")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ class TrainConfig:
     weights: str = "imagenet"
     input_size_px: int = 128
     embedding_dim: int = 256
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 2e-3
     backbone_lr_scale: float = 0.5

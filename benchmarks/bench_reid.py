@@ -1,6 +1,7 @@
 """Online re-ID and score logging, side by side in one run.
 
-1. Identifications/s through Serve (batching, 32 concurrent clients, resnet50 at 224 px, requests carrying
+1. Identifications/s through Serve (batching, 32 concurrent clients, serve_config.yaml's model: MobileNetV2 with
+   its packaged ImageNet weights at 128 px, requests carrying
    image URIs) vs raw model forward passes on ready tensors at the same batch size (target >= 0.8),
    in alternating rounds while the application is up.
 2. Score logging for 50 profiles: the replica's ScoreBuffer (binary COPY, its default concurrent writers, and
@@ -39,6 +40,9 @@ SCORE_DB = "trailcam_bench_scores"  # the score log cases' scratch database, dro
 # Intra-op threads of the ReID replica: Ray gives a num_cpus=1 actor one OpenMP thread; the raw case
 # runs with torch's default (all cores), so the replica gets the same count.
 TORCH_THREADS = os.cpu_count() or 1
+# serve_config.yaml's model (a fine-tuned one has the same architecture and size, so the same cost).
+MODEL_ARCH, MODEL_WEIGHTS, MODEL_PX = "mobilenet_v2", "imagenet", 128
+MODEL: dict[str, Any] = {"architecture": MODEL_ARCH, "weights": MODEL_WEIGHTS, "input_size_px": MODEL_PX}
 
 
 def synthetic_frames(root: Path, n: int) -> list[str]:
@@ -127,9 +131,10 @@ def serve_and_raw(
             "batch_wait_timeout_s": 0.1,
             "num_replicas": 1,
             "torch_threads": TORCH_THREADS,
+            **MODEL,
         },
     }
-    embedder = Embedder(ModelSpec())
+    embedder = Embedder(ModelSpec(MODEL_ARCH, MODEL_WEIGHTS, input_size_px=MODEL_PX))
     batch = embedder.dummy_batch(BATCH).normal_()
     embedder.embed_tensor(batch)
     out = []
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             "target": None,
         },
         {
-            "case": f"raw resnet50@224 forward, batch {BATCH} (median; rounds alternate with Serve)",
+            "case": f"raw {MODEL_ARCH}@{MODEL_PX} forward, batch {BATCH} (median; rounds alternate with Serve)",
             "metric": "imgs/s",
             "value": raw_rate,
             "unit": "imgs/s",
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     ]
     rows += score_rows_out
-    meta = {"started_at": started.isoformat(), "model": "resnet50-random-seed7-224", "rounds": rounds}
+    meta = {"started_at": started.isoformat(), "model": f"{MODEL_ARCH}-{MODEL_WEIGHTS}-{MODEL_PX}", "rounds": rounds}
     write_results("reid", rows, meta=meta)
 
 

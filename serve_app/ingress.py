@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app.api import exports, health, reid_routes
+from serve_app.api import models as model_registry
 from serve_app.api import reports as threshold_reports
 from serve_app.api.deps import ExportQueue, ReIDService
 from serve_app.api.guards import LimitBody, RequireKey
@@ -93,6 +94,7 @@ def create_app(
     app.include_router(threshold_reports.router)
     app.include_router(exports.router)
     app.include_router(reid_routes.router)
+    app.include_router(model_registry.router)
     return app
 
 

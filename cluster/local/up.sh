@@ -32,7 +32,7 @@ echo "== re-ID training set"
 # The demo generator's own training set: its own seed (1001) and deer, none of them in the demo data set,
 # so the model deployed below is measured on individuals it never saw. Rendered once, then reused.
 TRAIN_SET="$DATA/train/demo-seed1001"
-"$PY" -m batch.train_data --demo "$TRAIN_SET" --seed 1001 --individuals 60 --per-individual 40
+"$PY" -m batch.train_data --demo "$TRAIN_SET" --seed 1001 --individuals 100 --per-individual 24
 
 echo "== development API key"
 "$PY" cluster/local/dev_key.py "$DATA/dev-api-key"
@@ -75,6 +75,8 @@ for _ in $(seq 1 60); do
     sleep 1
 done
 "$SERVE" deploy "$DATA/serve_config.yaml" --address "http://$DASHBOARD"
+# The registry records that this model runs now (GET /api/models; promote and rollback: docs/models.md).
+"$PY" -m batch.models register "$CARD" --status active
 
 echo "== waiting for $API/readyz"
 for i in $(seq 1 300); do
