@@ -78,6 +78,23 @@ key's sites: top-1 similarity histogram, assignment rate per threshold, a recomm
 two-component mixture fit (with a note when the scores are not bimodal enough to trust it) and, when
 manual decisions exist, precision/recall/F1 per threshold. With random model weights the report says its
 figures are meaningless.
+
+`GET /api/reid/thresholds/history?limit=50&offset=0` lists the threshold changes applied to the running
+app (`python -m batch.thresholds apply`), newest first: `at`, `actor`, `model_version`, `from` and `to`
+(`accept_threshold`, `review_threshold`; null: no review band), the `report_id` it rests on and the
+`evidence` the guard checked (labelled sample size, precision at the new threshold, target, label source).
+Thresholds are one setting of the whole app: any key reads it. Next page: `offset` + `limit`; `limit`
+1-500, `offset` 0-1,000,000, anything else answers 400.
+"""
+
+_MODELS = """\
+`GET /api/models` lists every registered re-ID model version, the active one first: `status`
+(`candidate` | `active` | `retired`), architecture and input size, weights SHA-256, parent version,
+training data counts, validation figures, recommended thresholds, `created_at` and `promoted_at` (the
+last time it became active), plus `serving_version`, the version a ReID replica reports now (null when
+none answers). `GET /api/models/{version}` adds the model card and every promote or rollback naming the
+version; an unknown version answers 404. Models are not site-scoped: any valid key reads them.
+Versions are registered, promoted and rolled back with `python -m batch.models` (see docs/models.md).
 """
 
 _EXPORTS = """\
@@ -115,6 +132,7 @@ OPENAPI_TAGS: list[dict[str, Any]] = [
     {"name": "review", "description": _REVIEW},
     {"name": "deer", "description": _DEER},
     {"name": "reid", "description": _REID},
+    {"name": "models", "description": _MODELS},
     {"name": "exports", "description": _EXPORTS},
     {"name": "health", "description": _HEALTH},
 ]

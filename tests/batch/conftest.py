@@ -52,7 +52,9 @@ def demo(database_url: str, demo_root: Path) -> Demo:
 def reset_scores(dsn: str) -> None:
     """Back to the freshly loaded state: no scores, runs, reports, merges, reviews or automatic decisions."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE reid_similarity_scores, backfill_runs, review_events, threshold_reports")
+        conn.execute(
+            "TRUNCATE reid_similarity_scores, backfill_runs, review_events, threshold_reports, threshold_changes"
+        )
         conn.execute("UPDATE deer SET merged_into = NULL WHERE merged_into IS NOT NULL")
         conn.execute(
             "UPDATE detections d SET deer_id = g.deer_id FROM demo_ground_truth g"

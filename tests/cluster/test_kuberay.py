@@ -28,6 +28,11 @@ def only(kind: str) -> dict[str, Any]:
     return doc
 
 
+def named(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [doc for doc in documents(kind) if doc["metadata"].get("name") == name]
+    return doc
+
+
 def cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc["spec"]
     if doc["kind"] == "RayService":
@@ -126,7 +131,7 @@ def test_the_validator_catches_broken_manifests(mutate: Any, expected: str) -> N
 
 @needs_crds
 def test_a_raycronjob_without_a_schedule_is_rejected() -> None:
-    doc = only("RayCronJob")
+    doc = named("RayCronJob", "trailcam-analyze-weekly")
     del doc["spec"]["schedule"]
     assert any("'schedule' is a required property" in error for error in validation_errors(doc))
 
@@ -210,9 +215,26 @@ def test_one_image_and_ray_version_everywhere() -> None:
 
 
 def test_weekly_analysis_schedule() -> None:
-    cron = only("RayCronJob")["spec"]
+    cron = named("RayCronJob", "trailcam-analyze-weekly")["spec"]
     minute, hour, day_of_month, month, day_of_week = cron["schedule"].split()
     assert minute.isdigit() and hour.isdigit(), "a fixed time of day"
     assert (day_of_month, month) == ("*", "*") and day_of_week.isdigit(), "one day a week"
     assert cron["jobTemplate"]["entrypoint"].startswith("python -m batch.analyze --model-version ")
     assert cron["jobTemplate"]["shutdownAfterJobFinishes"] is True
+
+
+def test_weekly_threshold_change_runs_after_the_analysis_on_the_serving_cluster() -> None:
+    """The guarded apply runs on Mondays after the analysis, as a Ray job on the RayService's head (the only
+    place its ReID replicas can be asked), and a refusal is not retried."""
+    analysis = named("RayCronJob", "trailcam-analyze-weekly")["spec"]
+    cron = named("RayCronJob", "trailcam-thresholds-weekly")["spec"]
+    minute, hour, day_of_month, month, day_of_week = cron["schedule"].split()
+    a_minute, a_hour, *_, a_day_of_week = analysis["schedule"].split()
+    assert (day_of_month, month, day_of_week) == ("*", "*", a_day_of_week) and cron["timeZone"] == "Etc/UTC"
+    assert (int(hour), int(minute)) > (int(a_hour), int(a_minute)), "after the weekly analysis"
+    entrypoint = " ".join(cron["jobTemplate"]["entrypoint"].split())
+    service = only("RayService")["metadata"]["name"]
+    submit, command = entrypoint.split(" -- ")
+    assert submit == f"ray job submit --address http://{service}-head-svc:8265"
+    assert command == "python -m batch.thresholds apply --report latest --actor raycronjob/trailcam-thresholds-weekly"
+    assert cron["jobTemplate"]["backoffLimit"] == 0 and cron["jobTemplate"]["shutdownAfterJobFinishes"] is True

@@ -1,0 +1,102 @@
+"""``python -m batch.thresholds apply`` against a real Serve app (resnet18 at 64 px, seeded weights saved to a file so
+that its version is not a random-weights one) and real Postgres: a refusal leaves the replicas and the history as
+they were; evidence that holds reaches every replica through ``reconfigure`` and is recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import torch
+from ray import serve
+
+from batch.serve_control import ClientControl, deployed_config
+from batch.thresholds import REFUSED, main
+from serve_app.reid.backbones import build_backbone
+from serve_app.reid.model_spec import version_has_random_weights
+from serve_app.store.reports import store_report
+from tests import factories
+from tests.batch.test_thresholds import a_report
+from tests.fixtures.ray_cluster import app_settings, wait_ready
+from tests.helpers import auth
+
+APP = "thresholds"
+
+
+def describe() -> dict[str, Any]:
+    return dict(serve.get_deployment_handle("ReID", app_name=APP).describe.remote().result(timeout_s=30))
+
+
+@pytest.fixture(scope="module")
+def app_url(
+    serve_http_port: int, database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("thresholds")
+    weights = root / "resnet18-seed7.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        torch.save(build_backbone("resnet18").state_dict(), weights)
+    app = {
+        "name": APP,
+        "route_prefix": "/" + APP,
+        "import_path": "serve_app.app:build_app",
+        "args": {
+            "settings": app_settings(database_url, redis_url, root),
+            "ingress": {"num_cpus": 0.25},
+            "reid": {
+                "architecture": "resnet18",
+                "weights": str(weights),
+                "input_size_px": 64,
+                "num_cpus": 0.5,
+                "user_config": {"accept_threshold": 0.55, "review_threshold": None},
+            },
+        },
+    }
+    control = ClientControl()
+    config = deployed_config(control.details())  # every app deployed from a config stays as it is
+    control.deploy({**config, "applications": [*config["applications"], app]})
+    url = f"http://127.0.0.1:{serve_http_port}/{APP}"
+    wait_ready(url, timeout_s=120)
+    yield url
+    serve.delete(APP)
+
+
+def history(url: str, key: str) -> list[dict[str, Any]]:
+    resp = httpx.get(url + "/api/reid/thresholds/history", headers=auth(key), timeout=10)
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["items"])
+
+
+@pytest.mark.slow
+def test_apply_refuses_thin_evidence_and_applies_evidence_that_holds(
+    app_url: str, db: psycopg.Connection[Any], database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = describe()["model_version"]
+    assert not version_has_random_weights(version)
+    key = factories.api_key(db)
+    cli = ["--database-url", database_url, "apply", "--report", "latest", "--app", APP, "--actor", "alice"]
+
+    store_report(db, model_version=version, sites=None, report=a_report(known=20, strangers=5))
+    assert main(cli) == REFUSED
+    out = capsys.readouterr().out
+    assert "refused: nothing changed" in out and "25 labelled detections" in out
+    assert (describe()["accept_threshold"], describe()["review_threshold"]) == (0.55, None)
+    assert history(app_url, key) == []
+
+    report = store_report(db, model_version=version, sites=None, report=a_report())
+    assert main(cli) == 0
+    out = capsys.readouterr().out
+    assert "applied: accept 0.55, review none -> accept 0.7, review 0.5" in out
+    assert (describe()["accept_threshold"], describe()["review_threshold"]) == (0.7, 0.5)
+    (change,) = history(app_url, key)
+    assert change["actor"] == "alice" and change["model_version"] == version and change["report_id"] == report
+    assert change["from"] == {"accept_threshold": 0.55, "review_threshold": None}
+    assert change["to"] == {"accept_threshold": 0.7, "review_threshold": 0.5}
+    assert change["evidence"]["labelled_samples"] == 220 and change["evidence"]["precision"] == 0.97
+
+    assert main(cli) == 0  # already there: nothing deployed, nothing recorded
+    assert "no change: already at accept 0.7, review 0.5" in capsys.readouterr().out
+    assert len(history(app_url, key)) == 1
