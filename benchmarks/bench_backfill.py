@@ -22,7 +22,7 @@ from batch.backfill import ensure_ray, run_backfill
 from batch.demo_data import DemoParams, load_demo
 from batch.galleries import load_site_gallery
 from batch.runs import BackfillOptions
-from benchmarks.common import bench_settings, prepare_database, write_results
+from benchmarks.common import bench_settings, prepare_database, ray_env, write_results
 from serve_app.config import Settings
 from serve_app.reid.decision import Thresholds
 from serve_app.reid.embedder import Embedder
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         "mode": "all",
     }  # fmt: skip
     options = BackfillOptions(**common, limit=n, sites=tuple(sites))
+    os.environ.update({k: v for k, v in ray_env().items() if k not in os.environ})  # as make run's head has it
     ensure_ray()
     # Warm-up: stores the gallery embeddings, so both measured cases find them ready.
     run_backfill(BackfillOptions(**common, limit=args.batch_size, sites=tuple(sites)), settings=settings)
