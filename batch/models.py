@@ -38,7 +38,9 @@ from batch.serve_control import (
     DashboardControl,
     ServeControl,
     ServeControlError,
+    deployed_config,
     reid_args,
+    restore,
     update_reid,
     user_config,
 )
@@ -204,67 +206,73 @@ def promote(
     *,
     control: ServeControl,
     actor: str,
-    action: Action = "promote",
     app: str = APP_NAME,
     timeout_s: float = 600.0,
 ) -> Promotion:
-    """Deploy ``version`` to the running app (rolling replacement of the ReID replicas), then record it active.
+    """Deploy ``version`` to the running app (rolling replacement of the replicas), then record it active.
 
-    ``conn`` is an autocommit connection. ModelRefused before Serve is touched when the version cannot run;
-    ServeControlError when Serve did not take it (the previous model is deployed back, nothing is recorded)."""
+    ``conn`` is an autocommit connection. ModelRefused before Serve is touched when the version cannot run or
+    another change holds the lock; ServeControlError when Serve did not take it. Whatever fails after the
+    deploy started, the Serve config that ran before is deployed back and nothing is recorded."""
     with store.changing_models(conn):
-        row = store.get_version(conn, version)
-        if row is None:
-            known = ", ".join(r["version"] for r in store.list_versions(conn)) or "none"
-            raise ModelRefused(f"unknown model version {version!r} (registered: {known})")
-        if version_has_random_weights(version):
-            raise ModelRefused(f"{version} has random weights (tests only): it cannot be promoted")
-        if row["status"] == "active":
-            raise ModelRefused(f"{version} is already the active version")
-        check_weights(version, row["weights_path"], row["weights_sha256"])
-        details = control.details()
-        before, running = reid_args(details, app), user_config(details, app)
-        events = store.history(conn)
-        accept, review, source = thresholds_for(row, running, events)
-        model: dict[str, Any] = {
-            "architecture": row["architecture"],
-            "weights": row["weights_path"],
-            "input_size_px": row["input_size_px"],
-        }
-        thresholds = {**running, "accept_threshold": accept, "review_threshold": review}
-        try:
-            update_reid(control, changes=model, new_user_config=thresholds, app=app, timeout_s=timeout_s)
-        except ServeControlError:
-            _restore(control, before=before, running=running, app=app, timeout_s=timeout_s)
-            raise
-        event = store.record_activation(
-            conn, version=version, action=action, actor=actor, accept_threshold=accept, review_threshold=review
-        )
-    return Promotion(event=event, thresholds_from=source, replaced=before)
-
-
-def _restore(
-    control: ServeControl, *, before: dict[str, Any], running: dict[str, Any], app: str, timeout_s: float
-) -> None:
-    """Deploy the model that ran before a failed promote back; the promote's error is the one raised."""
-    previous: dict[str, Any] = {k: before[k] for k in ("architecture", "weights", "input_size_px") if k in before}
-    try:
-        update_reid(control, changes=previous, new_user_config=running, app=app, timeout_s=timeout_s)
-    except ServeControlError:
-        logger.exception("could not deploy the previous model back")
+        return _activate(conn, version, control=control, actor=actor, action="promote", app=app, timeout_s=timeout_s)
 
 
 def rollback(
     conn: SyncConn, *, control: ServeControl, actor: str, app: str = APP_NAME, timeout_s: float = 600.0
 ) -> Promotion:
     """Promote the version that was active before the current one, recorded as a rollback."""
-    active = store.active_version(conn)
-    if active is None:
-        raise ModelRefused("no version is active: nothing to roll back")
-    target = rollback_target(store.history(conn), active["version"])
-    if target is None:
-        raise ModelRefused(f"no version was active before {active['version']}: nothing to roll back to")
-    return promote(conn, target, control=control, actor=actor, action="rollback", app=app, timeout_s=timeout_s)
+    with store.changing_models(conn):
+        active = store.active_version(conn)
+        if active is None:
+            raise ModelRefused("no version is active: nothing to roll back")
+        target = rollback_target(store.history(conn), active["version"])
+        if target is None:
+            raise ModelRefused(f"no version was active before {active['version']}: nothing to roll back to")
+        return _activate(conn, target, control=control, actor=actor, action="rollback", app=app, timeout_s=timeout_s)
+
+
+def _activate(
+    conn: SyncConn, version: str, *, control: ServeControl, actor: str, action: Action, app: str, timeout_s: float
+) -> Promotion:
+    """promote's and rollback's work, with the registry's lock held."""
+    row = store.get_version(conn, version)
+    if row is None:
+        known = ", ".join(r["version"] for r in store.list_versions(conn)) or "none"
+        raise ModelRefused(f"unknown model version {version!r} (registered: {known})")
+    if version_has_random_weights(version):
+        raise ModelRefused(f"{version} has random weights (tests only): it cannot be promoted")
+    if row["status"] == "active":
+        raise ModelRefused(f"{version} is already the active version")
+    check_weights(version, row["weights_path"], row["weights_sha256"])
+    details = control.details()
+    before, running = reid_args(details, app), user_config(details, app)
+    previous_config = deployed_config(details)
+    events = store.history(conn)
+    accept, review, source = thresholds_for(row, running, events)
+    model: dict[str, Any] = {
+        "architecture": row["architecture"],
+        "weights": row["weights_path"],
+        "input_size_px": row["input_size_px"],
+    }
+    thresholds = {**running, "accept_threshold": accept, "review_threshold": review}
+    try:
+        update_reid(control, changes=model, new_user_config=thresholds, app=app, timeout_s=timeout_s)
+        event = store.record_activation(
+            conn, version=version, action=action, actor=actor, accept_threshold=accept, review_threshold=review
+        )
+    except BaseException:
+        _restore(control, previous_config, app=app, timeout_s=timeout_s)
+        raise
+    return Promotion(event=event, thresholds_from=source, replaced=before)
+
+
+def _restore(control: ServeControl, previous_config: dict[str, Any], *, app: str, timeout_s: float) -> None:
+    """Deploy the Serve config that ran before a failed promote back; the promote's error is the one raised."""
+    try:
+        restore(control, previous_config, app=app, timeout_s=timeout_s)
+    except ServeControlError:
+        logger.exception("could not deploy the previous Serve config back")
 
 
 class VersionProbe(Protocol):

@@ -6,11 +6,13 @@ Two ways in, the same methods:
   ``make run``; ``RAY_DASHBOARD_ADDRESS`` when set), what ``serve deploy`` and ``serve config`` use.
 - ``ClientControl()``: from a Ray driver already connected to the cluster (no dashboard needed).
 
-A change of the model (``architecture``/``weights``/``input_size_px``) is a change of the deployment's
-args: Serve replaces the ReID replicas one by one, starting each new replica before it stops an old one,
-so identifications keep being answered. A change of ``user_config`` only (thresholds) reaches the
-running replicas through ``reconfigure`` and restarts nothing. Every other application and setting is
-deployed back as it was.
+A change of the model (``architecture``/``weights``/``input_size_px``) is a change of the application's
+args: Serve replaces its replicas, starting each new replica before it stops an old one
+(``max_surge_percent: 100`` on both deployments), so identifications keep being answered. Thresholds go
+into the ReID deployment's ``user_config`` override (``deployments: [{name: ReID, user_config: ...}]``),
+which reaches the running replicas through ``reconfigure`` and restarts nothing (a change of ``args``
+would: Serve versions an application by its args). Every other application and setting is deployed back
+as it was.
 """
 
 from __future__ import annotations
@@ -97,10 +99,12 @@ class ClientControl:
 
 @dataclass(frozen=True)
 class Deployed:
-    """What a change left running: the app's re-ID args before and after."""
+    """What a change left running: the app's re-ID args (with the user_config in force) before and after, and
+    the whole Serve config that ran before it (``restore`` deploys it back)."""
 
     before: dict[str, Any]
     after: dict[str, Any]
+    previous_config: dict[str, Any]
 
 
 def _app(details: dict[str, Any], app: str) -> dict[str, Any]:
@@ -125,8 +129,9 @@ def deployed_config(details: dict[str, Any]) -> dict[str, Any]:
     if details.get("proxy_location"):
         config["proxy_location"] = details["proxy_location"]
     http = details.get("http_options") or {}
+    kept = ("host", "port", "root_path", "request_timeout_s", "keep_alive_timeout_s")
     if http:
-        config["http_options"] = {k: http[k] for k in ("host", "port") if http.get(k) is not None}
+        config["http_options"] = {k: http[k] for k in kept if http.get(k) is not None}
     return config
 
 
@@ -148,14 +153,15 @@ def _with_reid(
     config: dict[str, Any], app: str, changes: dict[str, Any], new_user_config: dict[str, Any] | None
 ) -> None:
     target = next(a for a in config["applications"] if a["name"] == app)
-    reid = target.setdefault("args", {}).setdefault("reid", {})
-    reid.update(changes)
+    if changes:
+        target.setdefault("args", {}).setdefault("reid", {}).update(changes)
     if new_user_config is not None:
-        reid["user_config"] = new_user_config
-        # A deployments-level user_config would win over args.reid's: keep the two the same.
-        for deployment in target.get("deployments") or []:
-            if deployment.get("name") == REID_DEPLOYMENT and "user_config" in deployment:
-                deployment["user_config"] = new_user_config
+        deployments = target.setdefault("deployments", [])
+        entry = next((d for d in deployments if d.get("name") == REID_DEPLOYMENT), None)
+        if entry is None:
+            entry = {"name": REID_DEPLOYMENT}
+            deployments.append(entry)
+        entry["user_config"] = new_user_config
 
 
 def update_reid(
@@ -176,13 +182,24 @@ def update_reid(
     before_app = _app(details, app)
     before = reid_args(details, app)
     before["user_config"] = user_config(details, app)
-    config = deployed_config(details)
+    previous = deployed_config(details)
+    config = copy.deepcopy(previous)
     _with_reid(config, app, changes or {}, new_user_config)
-    after = next(a for a in config["applications"] if a["name"] == app)["args"]["reid"]
     deployed_at = float(before_app.get("last_deployed_time_s") or 0.0)
     control.deploy(config)
     wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s, poll_s=poll_s)
-    return Deployed(before=before, after=copy.deepcopy(after))
+    after = reid_args(control.details(), app)
+    after["user_config"] = new_user_config if new_user_config is not None else before["user_config"]
+    return Deployed(before=before, after=after, previous_config=previous)
+
+
+def restore(
+    control: ServeControl, previous_config: dict[str, Any], *, app: str = APP_NAME, timeout_s: float = 600.0
+) -> None:
+    """Deploy a whole Serve config that ran before (``Deployed.previous_config``) back, exactly as it was."""
+    deployed_at = float(_app(control.details(), app).get("last_deployed_time_s") or 0.0)
+    control.deploy(previous_config)
+    wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s)
 
 
 def wait_running(

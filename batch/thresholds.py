@@ -41,6 +41,8 @@ from batch.serve_control import (
     DashboardControl,
     ServeControl,
     ServeControlError,
+    deployed_config,
+    restore,
     update_reid,
     user_config,
 )
@@ -48,6 +50,7 @@ from serve_app.config import get_settings
 from serve_app.reid.decision import Thresholds
 from serve_app.reid.model_spec import version_has_random_weights
 from serve_app.store.db import connect
+from serve_app.store.models import ModelRefused, changing_models
 from serve_app.store.reports import StoredReport
 from serve_app.store.threshold_history import (
     ThresholdChange,
@@ -151,6 +154,12 @@ def judge(stored: StoredReport, *, running: Running, guard: Guard) -> Verdict:
     if recommended is None:
         return Verdict(rid, (*refusals, f"report {rid} recommends no threshold"))
     accept = round(float(recommended), 4)
+    by_rule = ((report.get("decision_quality") or {}).get("recommended") or {}).get("threshold")
+    if not report.get("recommendation_trusted") or by_rule is None or not _same(by_rule, accept):
+        refusals.append(
+            f"report {rid}'s threshold {accept} does not come from the labelled rule"
+            f" ({report.get('recommendation_source')}): only a precision-target recommendation is applied"
+        )
     precision = precision_at(report, accept)
     if precision is None:
         refusals.append(f"report {rid} has no precision figure at {accept} (no labelled decision quality)")
@@ -243,6 +252,13 @@ def apply(
 ) -> Outcome:
     """Apply a report's thresholds to the running app when the guard allows it, verify, record (see the module
     docstring). Raises ServeControlError when Serve cannot be read or changed, or a replica does not take it."""
+    with connect(dsn, autocommit=True) as lock, changing_models(lock):
+        return _apply_locked(dsn, control, report=report, guard=guard, actor=actor, app=app, dry_run=dry_run)
+
+
+def _apply_locked(
+    dsn: str, control: ServeControl, *, report: str | int, guard: Guard, actor: str, app: str, dry_run: bool
+) -> Outcome:
     running = running_app(control, app=app)
     with connect(dsn) as conn:
         if report == LATEST:
@@ -261,19 +277,27 @@ def apply(
     if dry_run:
         return Outcome("dry run", running, verdict)
     new = verdict.proposed
-    update_reid(
-        control,
-        new_user_config={**running.user_config, "accept_threshold": new.accept, "review_threshold": new.review},
-        app=app,
-    )
+    previous_config = deployed_config(control.details())
     try:
+        update_reid(
+            control,
+            new_user_config={**running.user_config, "accept_threshold": new.accept, "review_threshold": new.review},
+            app=app,
+        )
         describe_replicas(
             control,
             app=app,
-            until=lambda d: (d["accept_threshold"], d["review_threshold"]) == (new.accept, new.review),
+            until=lambda d: (
+                (d["model_version"], d["accept_threshold"], d["review_threshold"])
+                == (running.model_version, new.accept, new.review)
+            ),
         )
     except ServeControlError as exc:
-        raise ServeControlError(f"{_band(new)} was deployed but not verified, so not recorded: {exc}") from exc
+        try:
+            restore(control, previous_config, app=app)
+        except ServeControlError:
+            logger.exception("could not deploy the previous thresholds back")
+        raise ServeControlError(f"{_band(new)} was not taken by every replica, so it was undone: {exc}") from exc
     change = ThresholdChange(
         actor=actor,
         model_version=running.model_version,
@@ -386,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             app=args.app,
             dry_run=args.dry_run,
         )
+    except ModelRefused as exc:  # another change of the running app holds the lock
+        print(f"refused: {exc}", file=sys.stderr)
+        return REFUSED
     except (ServeControlError, ConnectionError, psycopg.Error) as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return FAILED

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in both loops")
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain / Ray Train rounds")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1")
     size, steps = (96, 6) if args.quick else (128, 20)
     threads = args.threads
     ratios, plain_rates, ray_rates = [], [], []

@@ -40,6 +40,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         num_replicas=parsed.ingress.num_replicas,
         max_ongoing_requests=parsed.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": parsed.ingress.num_cpus},
+        max_surge_percent=100,  # a redeploy starts new replicas before it stops old ones
     )
     # Binding ReID into the ingress makes it part of this application; routers reach it by name.
     return ingress.bind(reid_deployment(parsed.reid, parsed.settings))

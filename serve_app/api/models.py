@@ -74,4 +74,15 @@ async def models_get(
     if row is None:
         raise NotFound(f"no model version {version!r} is registered")
     history = [{**e, "at": _iso(e["at"])} for e in events]
-    return {**version_json(row), "card": row["card"], "history": history}
+    return {**version_json(row), "card": public_card(row["card"]), "history": history}
+
+
+def public_card(card: dict[str, Any]) -> dict[str, Any]:
+    """The model card without the server's file paths (the weights file, the training set's folder)."""
+    out = {k: v for k, v in card.items() if k != "weights_path"}
+    training = dict(out.get("training") or {})
+    if isinstance(training.get("config"), dict):
+        training["config"] = {k: v for k, v in training["config"].items() if k != "data"}
+    if training:
+        out["training"] = training
+    return out

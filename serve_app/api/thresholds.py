@@ -19,7 +19,9 @@ MAX_OFFSET = 1_000_000
 """The deepest page start the history serves (a weekly change adds 52 rows a year)."""
 
 
-def _change(row: Row) -> dict[str, Any]:
+def _change(row: Row, *, all_sites: bool) -> dict[str, Any]:
+    """One change; the evidence and report (figures over every site) only for a key that sees every site, as
+    GET /api/reid/threshold-report shows all-sites figures only to such keys."""
     return {
         "id": row["id"],
         "at": row["at"].isoformat(),
@@ -27,8 +29,8 @@ def _change(row: Row) -> dict[str, Any]:
         "model_version": row["model_version"],
         "from": {"accept_threshold": row["from_accept"], "review_threshold": row["from_review"]},
         "to": {"accept_threshold": row["to_accept"], "review_threshold": row["to_review"]},
-        "report_id": row["report_id"],
-        "evidence": row["evidence"],
+        "report_id": row["report_id"] if all_sites else None,
+        "evidence": row["evidence"] if all_sites else None,
     }
 
 
@@ -40,6 +42,8 @@ async def threshold_history(
     offset: int = Query(default=0, ge=0, le=MAX_OFFSET, description="changes to skip (the next page: offset + limit)"),
 ) -> dict[str, list[dict[str, Any]]]:
     """Each change: when, who or what made it, the model version, the thresholds before and after (review null:
-    no review band), the threshold report it rests on and the evidence the guard checked."""
+    no review band), the threshold report it rests on and the evidence the guard checked (both null for a key
+    limited to some sites: they are figures over every site)."""
     rows = await recent_changes(resources.pool, limit=limit, offset=offset)
-    return {"items": [_change(r) for r in rows]}
+    all_sites = principal.site_filter() is None
+    return {"items": [_change(r, all_sites=all_sites) for r in rows]}

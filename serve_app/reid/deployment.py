@@ -220,6 +220,9 @@ def reid_deployment(args: ReIDArgs, settings_overrides: dict[str, Any]) -> serve
         "max_ongoing_requests": args.max_ongoing_requests,
         "user_config": args.user_config.model_dump(),
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        # A model change (python -m batch.models promote) replaces replicas: start each new one before its old
+        # one stops (Serve's default stops first), so identifications keep being answered meanwhile.
+        "max_surge_percent": 100,
     }
     if args.autoscaling_config:
         options["autoscaling_config"] = args.autoscaling_config

@@ -168,11 +168,14 @@ def record_activation(
 
 @contextmanager
 def changing_models(conn: SyncConn) -> Iterator[None]:
-    """Hold the registry's lock for a promote or rollback (on an autocommit connection); ModelRefused when
-    another one holds it."""
+    """Hold the lock every change of the running app's model or thresholds takes (promote, rollback, the guarded
+    threshold apply), on an autocommit connection; ModelRefused when another change holds it."""
     row = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (_LOCK_ID,)).fetchone()
     if not row or not row["got"]:
-        raise ModelRefused("another promote or rollback is running; try again when it has finished")
+        raise ModelRefused(
+            "another change of the running model or thresholds (promote, rollback, threshold apply) is running;"
+            " try again when it has finished"
+        )
     try:
         yield
     finally:

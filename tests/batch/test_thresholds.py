@@ -143,9 +143,20 @@ def test_manual_decisions_without_a_precision_figure_are_refused(db: psycopg.Con
     report["decision_quality"] = None
     report["labelled"]["samples"] = 500
     rid = stored(db, report)
-    assert verdict_on(db, rid).refusals == (
-        f"report {rid} has no precision figure at 0.7 (no labelled decision quality)",
-    )
+    refusals = verdict_on(db, rid).refusals
+    assert f"report {rid} has no precision figure at 0.7 (no labelled decision quality)" in refusals
+    assert any("does not come from the labelled rule" in r for r in refusals) and len(refusals) == 2
+
+
+def test_a_mixture_fit_fallback_is_refused_even_where_precision_holds(db: psycopg.Connection[Any]) -> None:
+    # No threshold met the labelled rule, so batch.analyze fell back to the mixture fit's threshold.
+    report = a_report(recommended=0.8)
+    report["recommendation_source"] = "two-Gaussian mixture fit"
+    report["recommendation_trusted"] = False
+    report["decision_quality"]["recommended"] = {"threshold": None, "reason": "no threshold meets the rule"}
+    rid = stored(db, report)
+    (reason,) = verdict_on(db, rid).refusals
+    assert "does not come from the labelled rule (two-Gaussian mixture fit)" in reason
 
 
 def test_a_review_threshold_above_the_accept_threshold_is_refused(db: psycopg.Connection[Any]) -> None:

@@ -74,7 +74,7 @@ def history(url: str, key: str) -> list[dict[str, Any]]:
 def test_apply_refuses_thin_evidence_and_applies_evidence_that_holds(
     app_url: str, db: psycopg.Connection[Any], database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    version = describe()["model_version"]
+    version, pid = describe()["model_version"], describe()["pid"]
     assert not version_has_random_weights(version)
     key = factories.api_key(db)
     cli = ["--database-url", database_url, "apply", "--report", "latest", "--app", APP, "--actor", "alice"]
@@ -91,6 +91,7 @@ def test_apply_refuses_thin_evidence_and_applies_evidence_that_holds(
     out = capsys.readouterr().out
     assert "applied: accept 0.55, review none -> accept 0.7, review 0.5" in out
     assert (describe()["accept_threshold"], describe()["review_threshold"]) == (0.7, 0.5)
+    assert describe()["pid"] == pid  # reconfigured in place: the replica was not replaced
     (change,) = history(app_url, key)
     assert change["actor"] == "alice" and change["model_version"] == version and change["report_id"] == report
     assert change["from"] == {"accept_threshold": 0.55, "review_threshold": None}

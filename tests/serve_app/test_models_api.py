@@ -81,6 +81,7 @@ def test_models_list_and_one_version_with_its_card_and_history(
     assert detail["status"] == "retired"
     assert detail["recommended_thresholds"] == {"accept": 0.7, "review": 0.55}
     assert detail["card"]["run"] == f"run-{detail['weights_sha256'][:6]}"
+    assert "weights_path" not in detail["card"] and "weights_path" not in detail  # no server paths to a key
     assert [(h["action"], h["version"], h["previous_version"], h["actor"]) for h in detail["history"]] == [
         ("promote", version_of(a), None, "make-run"),
         ("promote", version_of(b), version_of(a), "alice"),
