@@ -38,17 +38,17 @@ from batch.serve_control import (
     DashboardControl,
     ServeControl,
     ServeControlError,
-    deployed_config,
     reid_args,
     restore,
     update_reid,
     user_config,
 )
 from serve_app.config import get_settings
+from serve_app.errors import ModelRefused
 from serve_app.reid.model_spec import ModelSpec, file_sha256, model_version_for, version_has_random_weights
 from serve_app.store import models as store
 from serve_app.store.db import Row, SyncConn, connect
-from serve_app.store.models import Action, ModelRefused, VersionRecord
+from serve_app.store.models import Action, VersionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,6 @@ def _activate(
     check_weights(version, row["weights_path"], row["weights_sha256"])
     details = control.details()
     before, running = reid_args(details, app), user_config(details, app)
-    previous_config = deployed_config(details)
     events = store.history(conn)
     accept, review, source = thresholds_for(row, running, events)
     model: dict[str, Any] = {
@@ -256,23 +255,15 @@ def _activate(
         "input_size_px": row["input_size_px"],
     }
     thresholds = {**running, "accept_threshold": accept, "review_threshold": review}
+    previous_config = update_reid(control, changes=model, new_user_config=thresholds, app=app, timeout_s=timeout_s)
     try:
-        update_reid(control, changes=model, new_user_config=thresholds, app=app, timeout_s=timeout_s)
         event = store.record_activation(
             conn, version=version, action=action, actor=actor, accept_threshold=accept, review_threshold=review
         )
     except BaseException:
-        _restore(control, previous_config, app=app, timeout_s=timeout_s)
+        restore(control, previous_config, app=app, timeout_s=timeout_s)
         raise
     return Promotion(event=event, thresholds_from=source, replaced=before)
-
-
-def _restore(control: ServeControl, previous_config: dict[str, Any], *, app: str, timeout_s: float) -> None:
-    """Deploy the Serve config that ran before a failed promote back; the promote's error is the one raised."""
-    try:
-        restore(control, previous_config, app=app, timeout_s=timeout_s)
-    except ServeControlError:
-        logger.exception("could not deploy the previous Serve config back")
 
 
 class VersionProbe(Protocol):

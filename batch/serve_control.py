@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "trailcam"
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -97,16 +99,6 @@ class ClientControl:
         self._client().deploy_apps(ServeDeploySchema.model_validate(config))
 
 
-@dataclass(frozen=True)
-class Deployed:
-    """What a change left running: the app's re-ID args (with the user_config in force) before and after, and
-    the whole Serve config that ran before it (``restore`` deploys it back)."""
-
-    before: dict[str, Any]
-    after: dict[str, Any]
-    previous_config: dict[str, Any]
-
-
 def _app(details: dict[str, Any], app: str) -> dict[str, Any]:
     found = (details.get("applications") or {}).get(app)
     if not found or not found.get("deployed_app_config"):
@@ -172,34 +164,38 @@ def update_reid(
     app: str = APP_NAME,
     timeout_s: float = 600.0,
     poll_s: float = 1.0,
-) -> Deployed:
+) -> dict[str, Any]:
     """Deploy the running config with ``args.reid`` updated by ``changes`` and/or a new ``user_config``.
 
-    Returns once the app is RUNNING again under the new config; raises ServeControlError when it does not
-    get there within ``timeout_s`` (Serve keeps the old replicas serving while new ones fail to start).
+    Returns, once the app is RUNNING again under the new config, the whole Serve config that ran before (what
+    ``restore`` deploys back when a later step fails). When the app does not get there within ``timeout_s``,
+    that config is deployed back and ServeControlError raised.
     """
     details = control.details()
-    before_app = _app(details, app)
-    before = reid_args(details, app)
-    before["user_config"] = user_config(details, app)
     previous = deployed_config(details)
     config = copy.deepcopy(previous)
     _with_reid(config, app, changes or {}, new_user_config)
-    deployed_at = float(before_app.get("last_deployed_time_s") or 0.0)
-    control.deploy(config)
-    wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s, poll_s=poll_s)
-    after = reid_args(control.details(), app)
-    after["user_config"] = new_user_config if new_user_config is not None else before["user_config"]
-    return Deployed(before=before, after=after, previous_config=previous)
+    deployed_at = float(_app(details, app).get("last_deployed_time_s") or 0.0)
+    try:
+        control.deploy(config)
+        wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s, poll_s=poll_s)
+    except ServeControlError:
+        restore(control, previous, app=app, timeout_s=timeout_s)
+        raise
+    return previous
 
 
 def restore(
     control: ServeControl, previous_config: dict[str, Any], *, app: str = APP_NAME, timeout_s: float = 600.0
 ) -> None:
-    """Deploy a whole Serve config that ran before (``Deployed.previous_config``) back, exactly as it was."""
-    deployed_at = float(_app(control.details(), app).get("last_deployed_time_s") or 0.0)
-    control.deploy(previous_config)
-    wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s)
+    """Deploy a whole Serve config that ran before (what ``update_reid`` returned) back, exactly as it was. A
+    failure is logged, not raised: the caller raises the error that made it restore."""
+    try:
+        deployed_at = float(_app(control.details(), app).get("last_deployed_time_s") or 0.0)
+        control.deploy(previous_config)
+        wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s)
+    except ServeControlError:
+        logger.exception("could not deploy the previous Serve config back")
 
 
 def wait_running(

@@ -41,16 +41,16 @@ from batch.serve_control import (
     DashboardControl,
     ServeControl,
     ServeControlError,
-    deployed_config,
     restore,
     update_reid,
     user_config,
 )
 from serve_app.config import get_settings
+from serve_app.errors import ModelRefused
 from serve_app.reid.decision import Thresholds
 from serve_app.reid.model_spec import version_has_random_weights
 from serve_app.store.db import connect
-from serve_app.store.models import ModelRefused, changing_models
+from serve_app.store.models import changing_models
 from serve_app.store.reports import StoredReport
 from serve_app.store.threshold_history import (
     ThresholdChange,
@@ -277,13 +277,12 @@ def _apply_locked(
     if dry_run:
         return Outcome("dry run", running, verdict)
     new = verdict.proposed
-    previous_config = deployed_config(control.details())
+    previous_config = update_reid(
+        control,
+        new_user_config={**running.user_config, "accept_threshold": new.accept, "review_threshold": new.review},
+        app=app,
+    )
     try:
-        update_reid(
-            control,
-            new_user_config={**running.user_config, "accept_threshold": new.accept, "review_threshold": new.review},
-            app=app,
-        )
         describe_replicas(
             control,
             app=app,
@@ -293,10 +292,7 @@ def _apply_locked(
             ),
         )
     except ServeControlError as exc:
-        try:
-            restore(control, previous_config, app=app)
-        except ServeControlError:
-            logger.exception("could not deploy the previous thresholds back")
+        restore(control, previous_config, app=app)
         raise ServeControlError(f"{_band(new)} was not taken by every replica, so it was undone: {exc}") from exc
     change = ThresholdChange(
         actor=actor,

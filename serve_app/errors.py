@@ -30,6 +30,11 @@ class ModelUnreachable(ServiceUnavailable):
         self.args = (detail,)  # what unpickling passes back to __init__
 
 
+class ModelRefused(TrailcamError):
+    """A model version cannot be registered, promoted or rolled back to, or another change of the running app's
+    model or thresholds holds the lock; the message says why."""
+
+
 class NotFound(TrailcamError):
     """The resource does not exist or is not visible to the caller's key."""
 

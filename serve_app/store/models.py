@@ -13,7 +13,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.types.json import Jsonb
 
-from serve_app.errors import ServiceUnavailable, TrailcamError
+from serve_app.errors import ModelRefused, ServiceUnavailable
 from serve_app.store.db import Pool, Row, SyncConn
 
 Status = Literal["candidate", "active", "retired"]
@@ -62,17 +62,6 @@ INSERT INTO model_promotions (version, previous_version, action, actor, accept_t
 VALUES (%s, %s, %s, %s, %s, %s)
 RETURNING id, version, previous_version, action, actor, at, accept_threshold, review_threshold
 """
-
-
-class ModelRefused(TrailcamError):
-    """A model version cannot be registered, promoted or rolled back to; the message says why."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from serve_app.reid.backbones import ReIDNet, build_backbone, save_reid_model
 from serve_app.store.db import connect
 from tests import factories
 from tests.batch.model_cards import card_for, version_of
-from tests.fixtures.ray_cluster import app_settings, wait_ready
+from tests.fixtures.ray_cluster import app_entry, app_settings, small_app_args, wait_ready
 from tests.helpers import auth, write_jpeg
 from tests.waiting import wait_until
 
@@ -54,26 +54,13 @@ def save_model(folder: Path, seed: int) -> Path:
 
 
 def app_config(settings: dict[str, Any], weights: Path, accept: float, review: float) -> dict[str, Any]:
-    return {
-        "name": APP,
-        "route_prefix": "/" + APP,
-        "import_path": "serve_app.app:build_app",
-        "args": {
-            "settings": settings,
-            "ingress": {"num_cpus": 0.25},
-            "reid": {
-                "architecture": "resnet18",
-                "weights": str(weights),
-                "input_size_px": 64,
-                "num_cpus": 0.5,
-                "num_replicas": 1,
-                "max_batch_size": 8,
-                "batch_wait_timeout_s": 0.02,
-                "gallery_refresh_s": 0.5,
-                "user_config": {"accept_threshold": accept, "review_threshold": review},
-            },
-        },
+    reid = {
+        "weights": str(weights),
+        "batch_wait_timeout_s": 0.02,
+        "gallery_refresh_s": 0.5,
+        "user_config": {"accept_threshold": accept, "review_threshold": review},
     }
+    return app_entry(APP, small_app_args(settings, **reid))
 
 
 @dataclass

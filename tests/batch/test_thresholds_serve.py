@@ -20,7 +20,7 @@ from serve_app.reid.model_spec import version_has_random_weights
 from serve_app.store.reports import store_report
 from tests import factories
 from tests.batch.test_thresholds import a_report
-from tests.fixtures.ray_cluster import app_settings, wait_ready
+from tests.fixtures.ray_cluster import app_entry, app_settings, small_app_args, wait_ready
 from tests.helpers import auth
 
 APP = "thresholds"
@@ -39,22 +39,8 @@ def app_url(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         torch.save(build_backbone("resnet18").state_dict(), weights)
-    app = {
-        "name": APP,
-        "route_prefix": "/" + APP,
-        "import_path": "serve_app.app:build_app",
-        "args": {
-            "settings": app_settings(database_url, redis_url, root),
-            "ingress": {"num_cpus": 0.25},
-            "reid": {
-                "architecture": "resnet18",
-                "weights": str(weights),
-                "input_size_px": 64,
-                "num_cpus": 0.5,
-                "user_config": {"accept_threshold": 0.55, "review_threshold": None},
-            },
-        },
-    }
+    reid = {"weights": str(weights), "user_config": {"accept_threshold": 0.55, "review_threshold": None}}
+    app = app_entry(APP, small_app_args(app_settings(database_url, redis_url, root), **reid))
     control = ClientControl()
     config = deployed_config(control.details())  # every app deployed from a config stays as it is
     control.deploy({**config, "applications": [*config["applications"], app]})
