@@ -12,6 +12,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -21,6 +22,11 @@ from serve_app.exports import scripts
 Status = Literal["processing", "completed", "failed"]
 CreateOutcome = Literal["created", "existing", "conflict"]
 PUBLIC_FIELDS = ("id", "status", "format", "progress", "created_at", "updated_at", "finished_at", "error")
+NotificationState = Literal["pending", "sent", "failed"]
+NOTIFY_FIELD = "notify"
+"""The hash field holding where a job's notifications go: JSON {channel: target} (private: never shown)."""
+NOTIFICATION_FIELDS = {"email": "notification_email", "webhook": "notification_webhook"}
+"""Channel -> the hash field holding its delivery record, in the order the status lists them."""
 
 
 def utc_now_iso() -> str:
@@ -36,6 +42,32 @@ def fingerprint(body: Any) -> str:
 def download_path(job_id: str) -> str:
     """The API path a completed job's file is served from."""
     return f"/api/exports/{job_id}/download"
+
+
+def public_target(channel: str, target: str) -> str:
+    """What the status shows of a target: an address as given, a webhook URL without credentials or query."""
+    if channel != "webhook":
+        return target
+    parts = urlsplit(target)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
+
+
+def notification(
+    channel: str, *, target: str, state: NotificationState, attempts: int, error: str | None
+) -> dict[str, Any]:
+    """One delivery record as stored in the job hash and listed in ``notifications``."""
+    return {
+        "channel": channel,
+        "target": public_target(channel, target),
+        "state": state,
+        "attempts": attempts,
+        "error": error,
+        "updated_at": utc_now_iso(),
+    }
 
 
 def _pairs(fields: dict[str, Any]) -> list[str]:
@@ -73,6 +105,11 @@ class Job:
         loaded: dict[str, Any] = json.loads(self.fields.get("params") or "{}")
         return loaded
 
+    @property
+    def notify_targets(self) -> dict[str, str]:
+        """Channel (email, webhook) -> where its notification goes, as requested; empty when none was asked."""
+        return parse_targets(self.fields.get(NOTIFY_FIELD))
+
     def public(self) -> dict[str, Any]:
         """What GET /api/exports/{id} answers: no owner, lease or file internals."""
         body: dict[str, Any] = {name: self.fields.get(name) or None for name in PUBLIC_FIELDS}
@@ -80,7 +117,16 @@ class Job:
         body["progress"] = float(self.fields.get("progress") or 0.0)
         body["params"] = self.params
         body["download_url"] = self.fields.get("download_url") or None
+        body["notifications"] = [
+            json.loads(self.fields[name]) for name in NOTIFICATION_FIELDS.values() if self.fields.get(name)
+        ]
         return body
+
+
+def parse_targets(raw: str | None) -> dict[str, str]:
+    """The stored ``notify`` field as {channel: target}."""
+    loaded = json.loads(raw) if raw else {}
+    return {str(k): str(v) for k, v in loaded.items() if k in NOTIFICATION_FIELDS and v}
 
 
 def _job_from_flat(job_id: str, flat: list[Any]) -> Job:
@@ -106,11 +152,13 @@ class JobStore:
         params: dict[str, Any],
         file_uri_for: Any,
         idempotency: tuple[str, str] | None = None,
+        notify: dict[str, str] | None = None,
     ) -> tuple[CreateOutcome, Job | None]:
         """Create a processing job (or find the one an Idempotency-Key already made).
 
         ``file_uri_for(job_id)`` names the job's file; ``idempotency`` is (header value,
-        body fingerprint). Returns ("conflict", None) when the key was used with another body.
+        body fingerprint); ``notify`` maps channels to targets, each recorded as pending.
+        Returns ("conflict", None) when the key was used with another body.
         """
         job_id = uuid.uuid4().hex
         now = utc_now_iso()
@@ -125,6 +173,11 @@ class JobStore:
             "updated_at": now,
             "file_uri": file_uri_for(job_id),
         }
+        if notify:
+            fields[NOTIFY_FIELD] = json.dumps(notify, separators=(",", ":"))
+            for channel, target in notify.items():
+                record = notification(channel, target=target, state="pending", attempts=0, error=None)
+                fields[NOTIFICATION_FIELDS[channel]] = json.dumps(record, separators=(",", ":"))
         idem_key = scripts.idempotency_key(owner, idempotency[0]) if idempotency else scripts.job_key(job_id)
         if idempotency:
             fields["idempotency_key"] = idem_key
@@ -185,6 +238,7 @@ class RunnerLease:
     """Synchronous access for the runner: start, renew, complete or fail its own job."""
 
     def __init__(self, client: redis.Redis, job_id: str, *, lease_s: float) -> None:
+        self._client = client
         self._keys = [scripts.job_key(job_id), scripts.ACTIVE_KEY]
         self._job_id = job_id
         self._lease_ms = int(lease_s * 1000)
@@ -196,8 +250,28 @@ class RunnerLease:
         fields.setdefault("updated_at", utc_now_iso())
         return bool(self._renew(keys=self._keys, args=[self._job_id, self._lease_ms, *_pairs(fields)]))
 
-    def finish(self, status: Status, **fields: Any) -> bool:
-        """processing -> completed|failed in one compare-and-set; False when someone else ended it."""
-        now = utc_now_iso()
+    def notify_targets(self) -> dict[str, str]:
+        """Where the job's notifications go (read once, when the runner starts)."""
+        raw = self._client.hget(self._keys[0], NOTIFY_FIELD)
+        return parse_targets(str(raw) if raw else None)
+
+    def finish(self, status: Status, *, finished_at: str | None = None, **fields: Any) -> bool:
+        """processing -> completed|failed in one compare-and-set (at ``finished_at``, default now); False when
+        someone else ended it."""
+        now = finished_at or utc_now_iso()
         values = {"status": status, "updated_at": now, "finished_at": now, **fields}
         return bool(self._transition(keys=self._keys, args=[self._job_id, "processing", *_pairs(values)]))
+
+
+class NotificationLog:
+    """Records how a job's notifications went, in its hash, only while it exists and has ended: a record can
+    never recreate a deleted or expired job (HSET keeps the TTL) nor land on a job still processing."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._record = client.register_script(scripts.RECORD_ENDED)
+
+    async def record(self, job_id: str, entry: dict[str, Any]) -> bool:
+        """Store one channel's record; False when the job is gone (nothing written)."""
+        field = NOTIFICATION_FIELDS[str(entry["channel"])]
+        value = json.dumps(entry, separators=(",", ":"))
+        return bool(await self._record(keys=[scripts.job_key(job_id)], args=[field, value]))

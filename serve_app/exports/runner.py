@@ -2,7 +2,8 @@
 
 It claims its job (recording its PID), renews a lease from a heartbeat thread while it reads
 Postgres and writes the file, then completes or fails the job in one compare-and-set. When
-the job was deleted or expired meanwhile, it removes its own file and leaves no status.
+the job was deleted or expired meanwhile, it removes its own file and leaves no status. A job
+it ended sends its notifications from a background thread, after the final status is written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from serve_app.errors import JobGone
 from serve_app.exports.camtrap import CamtrapError, write_package
 from serve_app.exports.files import ExportFiles, file_uri
 from serve_app.exports.jobs import RunnerLease, download_path, utc_now_iso
+from serve_app.exports.notify import Ended, NotifyConfig, deliver_in_background
 from serve_app.exports.summary import write_summary
 from serve_app.store.db import connect
 from serve_app.store.exports import begin_snapshot
@@ -84,7 +86,21 @@ def runner_settings(settings: Settings) -> dict[str, Any]:
         "export_dir": settings.export_dir,
         "lease_s": settings.export_lease_s,
         "scientific_name": settings.export_scientific_name,
+        "notify": NotifyConfig.from_settings(settings),
     }
+
+
+def _announce(ended: Ended, notify: NotifyConfig | None, redis_url: str) -> None:
+    """Start the job's notifications (if it asked for any); whatever happens, the job's outcome stands."""
+    if not ended.targets:
+        return
+    if notify is None:
+        logger.warning("export %s asked for notifications but this runner has no notification settings", ended.id)
+        return
+    try:
+        deliver_in_background(ended, config=notify, redis_url=redis_url)
+    except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started: the status already stands
+        logger.warning("export %s: cannot start its notifications: %s", ended.id, exc)
 
 
 def run_export(
@@ -96,8 +112,12 @@ def run_export(
     export_dir: str,
     lease_s: float,
     scientific_name: str = DEFAULT_SCIENTIFIC_NAME,
+    notify: NotifyConfig | None = None,
 ) -> str:
-    """Produce one export; returns the final status it set, or "gone" when the job vanished."""
+    """Produce one export; returns the final status it set, or "gone" when the job vanished.
+
+    The notifications of a job it ended go on in a background thread after it returns
+    (:func:`serve_app.exports.notify.wait_for_deliveries` waits for them)."""
     fmt = str(params["format"])
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3)
     try:
@@ -105,6 +125,7 @@ def run_export(
         if not lease.renew(worker_pid=os.getpid(), started_at=utc_now_iso(), progress=0.0):
             logger.info("export %s is no longer pending; not starting", job_id)
             return "gone"
+        targets = lease.notify_targets()
         files = ExportFiles(export_dir)
         uri = file_uri(export_dir, job_id, fmt)
         heartbeat = Heartbeat(lease, interval_s=max(lease_s / 3, 0.05))
@@ -128,11 +149,19 @@ def run_export(
             if not isinstance(exc, Exception):
                 raise  # cancellation (KeyboardInterrupt) or shutdown: the file is already gone
             logger.warning("export %s failed: %s", job_id, exc)
-            if lease.finish("failed", error=one_line(exc)):
+            error, finished_at = one_line(exc), utc_now_iso()
+            if lease.finish("failed", error=error, finished_at=finished_at):
+                failed = Ended(job_id, "failed", fmt, finished_at, params, targets, error=error)
+                _announce(failed, notify, redis_url)
                 return "failed"
             return "gone"
         heartbeat.stop()
-        if lease.finish("completed", download_url=download_path(job_id), progress=1.0, rows=rows, size_bytes=size):
+        url, finished_at = download_path(job_id), utc_now_iso()
+        if lease.finish(
+            "completed", download_url=url, progress=1.0, rows=rows, size_bytes=size, finished_at=finished_at
+        ):
+            completed = Ended(job_id, "completed", fmt, finished_at, params, targets, download_url=url, rows=rows)
+            _announce(completed, notify, redis_url)
             return "completed"
         # Deleted or expired between the last check and the final CAS: leave nothing behind.
         files.remove(uri)

@@ -123,6 +123,16 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return out
 """
 
+# KEYS: job. ARGV: field/value pairs. Sets them on a job that has ended (completed or failed) and returns 1;
+# 0 and no write when the job is gone or still processing, so a late record never recreates a deleted job
+# (HSET on an existing hash keeps its TTL) and never touches what a transition writes.
+RECORD_ENDED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'completed' and status ~= 'failed' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 # KEYS: sweep lock. ARGV: token. Releases the lock only when this sweeper still holds it.
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

@@ -25,6 +25,7 @@ from serve_app.caching import BoundedCache
 from serve_app.config import Settings
 from serve_app.errors import ServiceUnavailable
 from serve_app.exports import metrics
+from serve_app.exports.notify import wait_for_deliveries
 from serve_app.exports.runner import run_export, runner_settings
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,14 @@ the logs."""
 @ray.remote(max_retries=0)
 def export_task(spec: dict[str, Any]) -> tuple[str, float]:
     """Run one export on a Ray worker; ``spec`` holds run_export's arguments. Returns the final status it set
-    (or "gone") and how long the run took, seconds."""
+    (or "gone") and how long the run took, seconds. The task ends once the job's notifications are delivered or
+    given up (a bounded wait: Settings.notify_*), so the worker is not reclaimed while it still sends them."""
     started = time.monotonic()
     args = dict(spec)
     status = run_export(args.pop("dsn"), **args)
-    return status, time.monotonic() - started
+    duration_s = time.monotonic() - started
+    wait_for_deliveries()
+    return status, duration_s
 
 
 def submit_export(dsn: str, *, job_id: str, num_cpus: float, **kw: Any) -> ray.ObjectRef[tuple[str, float]]:

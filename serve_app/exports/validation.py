@@ -1,4 +1,4 @@
-"""Export request rules VR-001..VR-005 plus shape checks, all evaluated together in plain Python."""
+"""Export request rules VR-001..VR-008 plus shape checks, all evaluated together in plain Python."""
 
 from __future__ import annotations
 
@@ -7,16 +7,27 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
 
 from serve_app.keys import Principal
 
 GROUP_BY = ("day", "week", "month")
 FORMATS = ("csv", "parquet", "json", "camtrap-dp")
 REQUIRED_FIELDS = ("start_date", "end_date", "group_by", "format")
-OPTIONAL_FIELDS = ("site_ids",)
+OPTIONAL_FIELDS = ("site_ids", "notify")
+NOTIFY_FIELDS = ("email", "webhook_url")
 MAX_RANGE_DAYS = 365
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+MAX_EMAIL_CHARS = 254
+MAX_EMAIL_LOCAL_CHARS = 64
+MAX_URL_CHARS = 2048
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_EMAIL = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+$")
+"""An ASCII address with a dotted domain (name@example.org): what an SMTP server takes without extensions."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,8 @@ class ExportRequest:
     group_by: str
     format: str
     site_ids: tuple[int, ...] | None
+    notify: dict[str, str] | None = None
+    """Channel (email, webhook) -> target; None when no notification was asked."""
 
     def params(self, principal: Principal) -> dict[str, Any]:
         """JSON-able parameters for the runner, with the site scope resolved against the key."""
@@ -101,6 +114,77 @@ def _parse_sites(
     return sites
 
 
+def _email_rules(value: object, *, email_configured: bool) -> list[RuleError]:
+    errors: list[RuleError] = []
+    if not (
+        isinstance(value, str)
+        and len(value) <= MAX_EMAIL_CHARS
+        and _EMAIL.match(value)
+        and len(value.rpartition("@")[0]) <= MAX_EMAIL_LOCAL_CHARS
+    ):
+        shown = repr(value[:80]) if isinstance(value, str) else f"a {type(value).__name__}"
+        errors.append(
+            RuleError("VR-006", "notify.email", f"notify.email must be an address like name@example.org, got {shown}")
+        )
+    if not email_configured:
+        errors.append(
+            RuleError("VR-008", "notify.email", "e-mail notifications are not configured on this server (no SMTP host)")
+        )
+    return errors
+
+
+def _webhook_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return "notify.webhook_url must be a non-empty URL string"
+    if len(value) > MAX_URL_CHARS:
+        return f"notify.webhook_url is longer than {MAX_URL_CHARS} characters"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "notify.webhook_url must not contain spaces or control characters"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # a port that is not a number in 0-65535 raises
+        httpx.URL(value)  # what the sender will be given: refuse now what it could never send
+    except (ValueError, httpx.InvalidURL):
+        return "notify.webhook_url is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return f"notify.webhook_url must be an http or https URL, got scheme {parts.scheme or 'none'!r}"
+    if not parts.hostname:
+        return "notify.webhook_url has no host"
+    return None
+
+
+def _parse_notify(body: dict[str, Any], *, email_configured: bool, errors: list[RuleError]) -> dict[str, str] | None:
+    raw = body.get("notify")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        errors.append(RuleError("format", "notify", 'notify must be an object {"email": ..., "webhook_url": ...}'))
+        return None
+    found: list[RuleError] = [
+        RuleError("unknown_field", f"notify.{name}", f"unknown field {name!r}")
+        for name in sorted(set(map(str, raw)) - set(NOTIFY_FIELDS))
+    ]
+    email, url = raw.get("email"), raw.get("webhook_url")
+    if email is None and url is None and not found:
+        found.append(RuleError("missing_field", "notify", "notify needs an email, a webhook_url or both"))
+    if email is not None:
+        found.extend(_email_rules(email, email_configured=email_configured))
+    problem = _webhook_problem(url) if url is not None else None
+    if problem:
+        found.append(RuleError("VR-007", "notify.webhook_url", problem))
+    errors.extend(found)
+    if found:
+        return None
+    targets = {"email": email, "webhook": url}
+    return {channel: str(target) for channel, target in targets.items() if target is not None}
+
+
+def only_notify_failed(errors: Collection[RuleError]) -> bool:
+    """Whether every failure concerns ``notify``: the export itself is valid, its notification cannot be used
+    (answered 422, where a failed export rule is a 400)."""
+    return bool(errors) and all(e.field == "notify" or e.field.startswith("notify.") for e in errors)
+
+
 def _idempotency_rule(key: str | None) -> list[RuleError]:
     if key is None or (key.strip() and len(key) <= MAX_IDEMPOTENCY_KEY_CHARS):
         return []
@@ -134,9 +218,11 @@ def validate_export_request(
     today: dt.date,
     unknown_site_ids: Collection[int] = (),
     idempotency_key: str | None = None,
+    email_configured: bool = False,
 ) -> tuple[ExportRequest | None, list[RuleError]]:
     """Check every rule on a decoded JSON body, the request's Idempotency-Key and the site ids found
-    unknown (``unknown_site_ids``); returns the request or every failure found, all together."""
+    unknown (``unknown_site_ids``); returns the request or every failure found, all together.
+    ``email_configured``: whether this server can send e-mail (an SMTP host is set)."""
     if not isinstance(body, dict):
         return None, [
             RuleError("format", "body", "the body must be a JSON object"),
@@ -160,8 +246,9 @@ def validate_export_request(
     if "format" in body and fmt not in FORMATS:
         errors.append(RuleError("invalid_value", "format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
     sites = _parse_sites(body, principal, unknown_site_ids, errors)
+    notify = _parse_notify(body, email_configured=email_configured, errors=errors)
     errors.extend(_date_rules(start, end, today))
     errors.extend(_idempotency_rule(idempotency_key))
     if errors or start is None or end is None:
         return None, errors
-    return ExportRequest(start, end, str(group_by), str(fmt), sites), []
+    return ExportRequest(start, end, str(group_by), str(fmt), sites, notify), []

@@ -209,5 +209,5 @@ def test_openapi_documents_the_export_body(serve_url: str) -> None:
     spec = httpx.get(serve_url + "/openapi.json", timeout=30).json()
     post = spec["paths"]["/api/exports"]["post"]
     schema = post["requestBody"]["content"]["application/json"]["schema"]
-    assert set(schema["properties"]) == {"start_date", "end_date", "group_by", "format", "site_ids"}
+    assert set(schema["properties"]) == {"start_date", "end_date", "group_by", "format", "site_ids", "notify"}
     assert {"400", "401", "422", "202"} <= set(post["responses"])
