@@ -34,7 +34,8 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on serve_app/, ba
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy serve_app batch benchmarks
 
-test: $(STAMP) ## Services up, lint, then the whole pytest suite (slow cases included)
+test: $(STAMP) ## Services up, chromium for the browser tests, lint, then the whole pytest suite (slow cases included)
+	@test -x /usr/lib/chromium/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 	@$(PY) cluster/local/services.py ensure --system
 	@bash cluster/monitoring/install.sh || echo "promtool unavailable: its checks will be skipped"
 	@$(MAKE) --no-print-directory lint

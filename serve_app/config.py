@@ -74,10 +74,35 @@ class Settings(BaseSettings):
         default=40_000_000, ge=1, description="Largest decoded image, pixels (decompression-bomb guard)."
     )
 
+    ui_session_secret: str = Field(
+        default=PLACEHOLDER_SECRET,
+        description="Secret that signs the web UI's session cookie and seals the key it keeps; must be changed "
+        "outside development and test.",
+    )
+    ui_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Lifetime of a web UI sign-in, seconds.")
+    smtp_host: str | None = Field(default=None, description="SMTP server for export e-mails; None sends none.")
+    smtp_port: int = Field(default=25, ge=1, le=65535, description="SMTP port.")
+    smtp_username: str | None = Field(default=None, description="SMTP user name (None: no login).")
+    smtp_password: str | None = Field(default=None, description="SMTP password.")
+    smtp_starttls: bool = Field(default=False, description="Upgrade the SMTP connection with STARTTLS.")
+    smtp_from: str = Field(default="trailcam-reid@localhost", description="From-address of export e-mails.")
+    webhook_secret: str = Field(
+        default=PLACEHOLDER_SECRET,
+        description="Secret that signs export webhooks (HMAC-SHA256); must be changed outside development and test.",
+    )
+    notify_attempts: int = Field(default=5, ge=1, le=20, description="Tries per export notification.")
+    notify_backoff_s: float = Field(
+        default=1.0, ge=0, description="First wait between notification tries, seconds; doubles after each."
+    )
+    notify_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one notification try, seconds.")
+
     @model_validator(mode="after")
     def _enforce_non_default_secrets(self) -> Settings:
-        if self.environment == "production" and self.key_pepper == PLACEHOLDER_SECRET:
-            raise ValueError("TRAILCAM_KEY_PEPPER must be set to a real secret in production")
+        if self.environment != "production":
+            return self
+        for name in ("key_pepper", "ui_session_secret", "webhook_secret"):
+            if getattr(self, name) == PLACEHOLDER_SECRET:
+                raise ValueError(f"TRAILCAM_{name.upper()} must be set to a real secret in production")
         return self
 
     @property

@@ -23,6 +23,10 @@ from serve_app.exports import metrics as export_metrics
 from serve_app.exports.task import RAY_METRICS, RayExportQueue
 from serve_app.reid.handle import ReIDHandle
 from serve_app.resources import Resources
+from serve_app.web import docs
+from serve_app.web.security import SecurityHeaders
+from serve_app.web.static import mount_static
+from serve_app.web.ui.routes import install_ui
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +86,26 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         responses=COMMON_RESPONSES,
+        docs_url=None,  # served from vendored assets by serve_app/web/docs.py (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.readiness_checks = dict(health.READINESS_CHECKS)
     install_problem_handlers(app)
-    # Added last runs first: the key (headers only, so a caller without one sends no body into memory),
-    # then the body limit, then the routes (which parse bodies).
+    # Added last runs first: the security headers (on every answer outside /api, refusals included), the key
+    # (headers only, so a caller without one sends no body into memory), then the body limit, then the routes
+    # (which parse bodies).
     app.add_middleware(LimitBody, settings=settings)
     app.add_middleware(RequireKey)
+    app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
     app.include_router(threshold_reports.router)
     app.include_router(exports.router)
     app.include_router(reid_routes.router)
     app.include_router(model_registry.router)
+    app.include_router(docs.router)
+    install_ui(app)
+    mount_static(app)
     return app
 
 

@@ -41,7 +41,8 @@ async def list_deer(
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0),
 ) -> dict[str, list[dict[str, Any]]]:
-    """Active (not merged) profiles with their sighting counts."""
+    """Active (not merged) profiles with their sighting counts, last sighting and ``best_detection_id``, the
+    detection that pictures each (a person's decision first, then the detector's confidence, then the newest)."""
     rows = await deer.list_deer(
         resources.pool, sites=principal.site_filter(), site_id=site_id, limit=limit, offset=offset
     )
@@ -52,11 +53,17 @@ async def list_deer(
 async def get_deer(
     deer_id: int, resources: ResourcesDep, principal: PrincipalDep, sightings: int = Query(default=20, ge=1, le=200)
 ) -> dict[str, Any]:
-    """The profile and its newest sightings."""
-    profile, recent = await deer.profile_with_sightings(
+    """The profile, its sighting count, last sighting and picturing detection, its newest sightings and its
+    sightings per UTC week (``week_start`` a Monday; weeks without any are left out)."""
+    detail = await deer.profile_with_sightings(
         resources.pool, deer_id=deer_id, sites=principal.site_filter(), sightings=sightings
     )
-    return {**profile, "recent_sightings": [dict(r) for r in recent]}
+    return {
+        **detail["profile"],
+        **detail["stats"],
+        "recent_sightings": [dict(r) for r in detail["recent"]],
+        "sightings_per_week": [dict(w) for w in detail["weekly"]],
+    }
 
 
 @router.patch("/api/deer/{deer_id}", summary="Edit a profile's name, sex or notes")

@@ -237,7 +237,9 @@ async def _parse_upload(form: FormData, settings: Settings) -> tuple[DetectionIn
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "content": {
-            "application/json": {"schema": DetectionIn.model_json_schema()},
+            # A reference, not DetectionIn.model_json_schema(): its "#/$defs/BBoxIn" would point at the
+            # document's root, which has none (ReDoc refuses the schema). BatchIn puts both in components.
+            "application/json": {"schema": {"$ref": "#/components/schemas/DetectionIn"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",

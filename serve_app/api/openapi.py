@@ -64,7 +64,10 @@ passes (backfill re-decisions included).
 """
 
 _DEER = """\
-Deer profiles of the key's sites: `GET /api/deer`, `GET /api/deer/{id}` (with recent sightings),
+Deer profiles of the key's sites: `GET /api/deer` (each with `sightings`, `last_seen` and
+`best_detection_id`, the detection that pictures it: a person's decision first, then the detector's
+confidence, then the newest), `GET /api/deer/{id}` (the same figures, recent sightings and
+`sightings_per_week`, UTC weeks from Monday with at least one sighting),
 `PATCH /api/deer/{id}` (any of `name`, `sex` `male|female|unknown`, `notes`; a field left out stays,
 `null` clears `sex` or `notes`; a merged profile answers 409) and `POST /api/deer/{id}/merge` with
 `{"into": id}` (a profile of the same site). No detection ends on a merged profile: its detections move to
@@ -77,7 +80,8 @@ _REID = """\
 key's sites: top-1 similarity histogram, assignment rate per threshold, a recommended threshold from a
 two-component mixture fit (with a note when the scores are not bimodal enough to trust it) and, when
 manual decisions exist, precision/recall/F1 per threshold. With random model weights the report says its
-figures are meaningless.
+figures are meaningless. `GET /api/reid/threshold-report/{report_id}/histogram.png` draws a report's histogram
+with its current and recommended thresholds (site-checked like the report: 404 for one this key may not see).
 
 `GET /api/reid/thresholds/history?limit=50&offset=0` lists the threshold changes applied to the running
 app (`python -m batch.thresholds apply`), newest first: `at`, `actor`, `model_version`, `from` and `to`
@@ -102,12 +106,25 @@ _EXPORTS = """\
 "group_by": "day|week|month", "format": "csv|parquet|json|camtrap-dp", "site_ids": [..]}` (`site_ids`
 optional: all of the key's sites; the range covers `start_date` 00:00 UTC to the end of `end_date` UTC).
 Every rule is checked before anything is queued: VR-001 start before end, VR-002 at most 365 days,
-VR-003 `group_by`, VR-004/VR-005 no date after today (UTC), plus `format`, the `Idempotency-Key` header,
-`missing_field`, `unknown_field`, `malformed_json` and `site_access` (unknown ids included). A rejection
-is 400 listing each failure; no job is created. Acceptance is 202 with `Location: /api/exports/{id}`.
+VR-003 `group_by`, VR-004/VR-005 no date after today (UTC), VR-006..VR-008 `notify` (below), plus
+`format`, the `Idempotency-Key` header, `missing_field`, `unknown_field`, `malformed_json` and `site_access`
+(unknown ids included). A rejection is 400 listing each failure; no job is created. Acceptance is 202 with
+`Location: /api/exports/{id}`.
 
 **Retries.** Send `Idempotency-Key`: the same key and body return the same job, another body answers
 422; after a `DELETE`, the next retry makes one new job and later retries find it.
+
+**Notifications.** Add `"notify": {"email": "name@example.org", "webhook_url": "https://..."}` (either or
+both) to be told when the job ends, completed or failed: a plain-text e-mail (VR-006 address; VR-008 the
+server must have an SMTP host) and/or a JSON `POST` (VR-007 an http or https URL with a host) of `id`,
+`event`, `status`, `format`, `finished_at`, `download_url`, `error`, `rows` and `params`, with the headers
+`Trailcam-Event: export.completed|export.failed` and `Trailcam-Signature: t=<unix seconds>,v1=<hex
+HMAC-SHA256 of "<t>.<raw body>" keyed with the server's webhook secret>`; check it over the raw bytes, in
+constant time, and refuse a timestamp far from your clock. A `notify` that cannot be used answers 422
+`notify-invalid` listing each failure (with a failed export rule too: the 400). Failed tries (connection
+errors, timeouts, HTTP 5xx/429, SMTP 4xx) are retried with doubling waits, a bounded number of times; a
+notification never changes the job. The status lists each under `notifications` (`channel`, `target`,
+`state` pending|sent|failed, `attempts`, `error`, `updated_at`).
 
 **Lifecycle.** Poll `GET /api/exports/{id}` (with `Retry-After` while processing) until `completed`
 (then `GET /api/exports/{id}/download`) or `failed` (a one-line `error`). `DELETE /api/exports/{id}`

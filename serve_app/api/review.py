@@ -3,12 +3,14 @@ key that made it)."""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.api.deps import PrincipalDep, ResourcesDep
+from serve_app.api.problems import Problem
 from serve_app.store import review
 
 router = APIRouter(tags=["review"])
@@ -44,11 +46,46 @@ async def review_queue(
     resources: ResourcesDep,
     principal: PrincipalDep,
     limit: int = Query(default=50, ge=1, le=500),
+    offset: int = Query(default=0, ge=0, le=1_000_000),
     k: int = Query(default=5, ge=1, le=50),
-) -> dict[str, list[dict[str, Any]]]:
-    """Review-band detections of the key's sites, oldest first."""
-    rows = await review.review_queue(resources.pool, sites=principal.site_filter(), limit=limit, k=k)
-    return {"items": [dict(r) for r in rows]}
+    site_id: int | None = Query(default=None, gt=0, description="only this site (of the key's)"),
+    camera_id: int | None = Query(default=None, gt=0, description="only this camera"),
+    since: Annotated[dt.datetime | None, Query(description="captured at or after (ISO 8601)")] = None,
+    until: Annotated[dt.datetime | None, Query(description="captured before (ISO 8601)")] = None,
+    min_similarity: float | None = Query(default=None, ge=-1, le=1, description="top-1 similarity at least"),
+    max_similarity: float | None = Query(default=None, ge=-1, le=1, description="top-1 similarity at most"),
+    order: Literal["informative", "oldest"] = Query(
+        default="informative", description="informative: closest to the accept threshold first; oldest: FIFO"
+    ),
+) -> dict[str, Any]:
+    """Review-band detections of the key's sites that match the filters, and how many match in all (``total``)."""
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise Problem(422, "naive-datetime", f"{name} needs a UTC offset (e.g. 2026-05-01T00:00:00Z)")
+    if since is not None and until is not None and until <= since:
+        raise Problem(422, "empty-range", "until must be after since")
+    if min_similarity is not None and max_similarity is not None and max_similarity < min_similarity:
+        raise Problem(422, "empty-band", "max_similarity must be at least min_similarity")
+    where = review.QueueFilter(
+        site_id=site_id, camera_id=camera_id, since=since, until=until,
+        min_similarity=min_similarity, max_similarity=max_similarity, order=order,
+    )  # fmt: skip
+    rows, total = await review.review_queue(
+        resources.pool, sites=principal.site_filter(), limit=limit, k=k, offset=offset, where=where
+    )
+    return {"items": [dict(r) for r in rows], "total": total}
+
+
+@router.get("/api/detections/{detection_id}", summary="One detection with its candidates and review history")
+async def get_detection(
+    detection_id: int, resources: ResourcesDep, principal: PrincipalDep, k: int = Query(default=5, ge=1, le=50)
+) -> dict[str, Any]:
+    """The detection as the review queue shows it, whatever its decision, plus ``review_events`` (each decision
+    with its note, oldest first); 404 for another site's detection."""
+    item, events = await review.detection_item(
+        resources.pool, detection_id=detection_id, sites=principal.site_filter(), k=k
+    )
+    return {**item, "review_events": events}
 
 
 @router.post("/api/detections/{detection_id}/assignment", summary="Assign, create a profile for, or unassign")

@@ -7,18 +7,24 @@ another site is answered as :class:`NotFound`, exactly like one that does not ex
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from typing import TypedDict, cast
 
 from serve_app.errors import DeerMerged, MergeAcrossSites, NotFound
 from serve_app.store.audit import ReviewEvent, key_actor, record_event
 from serve_app.store.db import AsyncConn, Pool, SyncConn
 
-LIST_SQL = """
-SELECT e.id, e.site_id, e.name, e.sex, e.created_at,
+# A profile's figures from its detections. Its picture is its best detection, chosen as the review queue chooses a
+# candidate's: a person's decision first, then the detector's confidence, then the newest.
+FIGURES_SQL = """
        (SELECT count(*) FROM detections d WHERE d.deer_id = e.id) AS sightings,
        (SELECT max(i.captured_at) FROM detections d JOIN images i ON i.id = d.image_id WHERE d.deer_id = e.id)
-           AS last_seen
+           AS last_seen,
+       (SELECT g.id FROM detections g WHERE g.deer_id = e.id
+        ORDER BY (g.decision = 'manual') DESC, g.confidence DESC NULLS LAST, g.created_at DESC, g.id DESC LIMIT 1)
+           AS best_detection_id"""
+LIST_SQL = f"""
+SELECT e.id, e.site_id, e.name, e.sex, e.created_at, {FIGURES_SQL}
 FROM deer e
 WHERE e.merged_into IS NULL AND (%(sites)s::bigint[] IS NULL OR e.site_id = ANY(%(sites)s))
   AND (%(site)s::bigint IS NULL OR e.site_id = %(site)s)
@@ -29,6 +35,15 @@ SELECT d.id AS detection_id, d.decision, d.top1_similarity, i.uri AS image_uri, 
 FROM detections d JOIN images i ON i.id = d.image_id
 WHERE d.deer_id = %s ORDER BY i.captured_at DESC, d.id DESC LIMIT %s
 """
+STATS_SQL = f"SELECT {FIGURES_SQL} FROM deer e WHERE e.id = %s"
+# Sightings per UTC week (weeks start on Monday), for the profile's chart.
+WEEKLY_SQL = """
+SELECT (date_trunc('week', i.captured_at AT TIME ZONE 'UTC'))::date AS week_start, count(*) AS sightings
+FROM detections d JOIN images i ON i.id = d.image_id
+WHERE d.deer_id = %s GROUP BY 1 ORDER BY 1 DESC LIMIT %s
+"""
+WEEKS_KEPT = 104
+"""Most weeks of sightings a profile answers (the newest with any sighting)."""
 PROFILE_COLUMNS = "id, site_id, name, sex, notes, created_at, merged_into"
 PROFILE_SQL = f"SELECT {PROFILE_COLUMNS} FROM deer WHERE id = %s"
 # Both rows locked in id order, as identification and review lock profiles: no deadlock between them.
@@ -50,6 +65,7 @@ class DeerSummary(TypedDict):
     created_at: datetime
     sightings: int
     last_seen: datetime | None
+    best_detection_id: int | None
 
 
 class Profile(TypedDict):
@@ -64,6 +80,21 @@ class Profile(TypedDict):
     merged_into: int | None
 
 
+class ProfileStats(TypedDict):
+    """What a profile's detections say about it: how many, the newest capture, the one that pictures it."""
+
+    sightings: int
+    last_seen: datetime | None
+    best_detection_id: int | None
+
+
+class WeekCount(TypedDict):
+    """Sightings in one UTC week (Monday to Sunday)."""
+
+    week_start: date
+    sightings: int
+
+
 class Sighting(TypedDict):
     """A detection of the profile with its image."""
 
@@ -73,6 +104,15 @@ class Sighting(TypedDict):
     image_uri: str
     captured_at: datetime
     camera_id: int
+
+
+class ProfileDetail(TypedDict):
+    """A profile as one page shows it: its columns, its figures, its newest sightings and its weekly counts."""
+
+    profile: Profile
+    stats: ProfileStats
+    recent: list[Sighting]
+    weekly: list[WeekCount]
 
 
 def _visible(sites: list[int] | None, site_id: int) -> bool:
@@ -96,14 +136,21 @@ async def list_deer(
     return cast(list[DeerSummary], rows)
 
 
-async def profile_with_sightings(
-    pool: Pool, *, deer_id: int, sites: list[int] | None, sightings: int
-) -> tuple[Profile, list[Sighting]]:
-    """The profile and its ``sightings`` newest detections; NotFound when ``sites`` do not hold it."""
+async def profile_with_sightings(pool: Pool, *, deer_id: int, sites: list[int] | None, sightings: int) -> ProfileDetail:
+    """The profile, its figures, its ``sightings`` newest detections and its sightings per week (the newest
+    :data:`WEEKS_KEPT` weeks with any); NotFound when ``sites`` do not hold it."""
     async with pool.connection() as conn:
         profile = await _profile(conn, deer_id, sites)
+        stats = await (await conn.execute(STATS_SQL, (deer_id,))).fetchone()
         recent = await (await conn.execute(SIGHTINGS_SQL, (deer_id, sightings))).fetchall()
-    return profile, cast(list[Sighting], recent)
+        weekly = await (await conn.execute(WEEKLY_SQL, (deer_id, WEEKS_KEPT))).fetchall()
+    assert stats is not None  # the profile's row was just read
+    return ProfileDetail(
+        profile=profile,
+        stats=cast(ProfileStats, stats),
+        recent=cast(list[Sighting], recent),
+        weekly=cast(list[WeekCount], weekly[::-1]),
+    )
 
 
 async def update_deer(

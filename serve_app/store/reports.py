@@ -1,5 +1,5 @@
 """threshold_reports: ``python -m batch.analyze`` stores each report with its site scope (NULL = all sites);
-``GET /api/reid/threshold-report`` reads the latest one a key may see."""
+``GET /api/reid/threshold-report`` reads the latest one a key may see, its histogram route one by id."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ WHERE (%(mv)s::text IS NULL OR model_version = %(mv)s)
 ORDER BY (site_ids IS NULL) DESC, created_at DESC, id DESC
 LIMIT 1
 """
+# One report by id, under the same rule: a key for some sites sees only reports whose scope lies inside them.
+BY_ID_SQL = """
+SELECT id, model_version, site_ids, report, created_at FROM threshold_reports
+WHERE id = %(id)s AND (%(sites)s::bigint[] IS NULL OR (site_ids IS NOT NULL AND site_ids <@ %(sites)s::bigint[]))
+"""
 INSERT_SQL = "INSERT INTO threshold_reports (model_version, site_ids, report) VALUES (%s, %s, %s) RETURNING id"
 
 
@@ -41,6 +46,17 @@ async def latest_report(pool: Pool, *, model_version: str | None, sites: list[in
         async with pool.connection() as conn:
             cur = await conn.execute(LATEST_SQL, {"mv": model_version, "sites": sites})
             row = await cur.fetchone()
+    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
+        raise ServiceUnavailable("postgres", "cannot read threshold reports") from exc
+    return cast(StoredReport | None, row)
+
+
+async def report_by_id(pool: Pool, *, report_id: int, sites: list[int] | None) -> StoredReport | None:
+    """Report ``report_id`` when ``sites`` (None: every site) may see it; None otherwise. ServiceUnavailable when
+    Postgres cannot answer."""
+    try:
+        async with pool.connection() as conn:
+            row = await (await conn.execute(BY_ID_SQL, {"id": report_id, "sites": sites})).fetchone()
     except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
         raise ServiceUnavailable("postgres", "cannot read threshold reports") from exc
     return cast(StoredReport | None, row)

@@ -6,6 +6,7 @@ another site is answered as :class:`NotFound`, exactly like one that does not ex
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Literal, TypedDict, cast
 
@@ -14,19 +15,64 @@ from serve_app.store.audit import Action, ReviewEvent, key_actor, record_event
 from serve_app.store.db import Pool
 from serve_app.store.deer import create_deer
 
-REVIEW_SQL = """
-SELECT d.id AS detection_id, d.top1_similarity, d.model_version, d.created_at, i.uri AS image_uri,
-       i.captured_at, c.id AS camera_id, c.site_id,
-       d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h,
-       coalesce((SELECT json_agg(json_build_object('deer_id', s.deer_id, 'name', e.name, 'similarity', s.similarity)
+# A candidate's picture is its profile's best detection: a person's decision first, then the detector's
+# confidence, then the newest. "informative" puts the items closest to the accept threshold first: the ones a
+# decision moves most.
+ITEM_SQL = """
+SELECT d.id AS detection_id, d.decision, d.deer_id, d.reviewed_at, d.top1_similarity, d.model_version,
+       d.created_at, i.uri AS image_uri, i.captured_at, c.id AS camera_id, c.site_id,
+       d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h, top.threshold AS accept_threshold,
+       coalesce((SELECT json_agg(json_build_object(
+                            'deer_id', s.deer_id, 'name', e.name, 'similarity', s.similarity,
+                            'best_detection_id', (SELECT g.id FROM detections g WHERE g.deer_id = s.deer_id
+                                                  ORDER BY (g.decision = 'manual') DESC, g.confidence DESC NULLS LAST,
+                                                           g.created_at DESC, g.id DESC LIMIT 1))
                                  ORDER BY s.rank)
                  FROM reid_similarity_scores s JOIN deer e ON e.id = s.deer_id
                  WHERE s.detection_id = d.id AND s.model_version = d.model_version AND s.source = 'online'
                    AND s.rank <= %(k)s), '[]') AS candidates
 FROM detections d JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id
+LEFT JOIN LATERAL (
+    SELECT s.threshold FROM reid_similarity_scores s
+    WHERE s.detection_id = d.id AND s.model_version = d.model_version AND s.source = 'online' AND s.rank = 1
+    LIMIT 1
+) top ON true
+"""
+REVIEW_SQL = (
+    ITEM_SQL
+    + """
 WHERE d.decision = 'review' AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(%(sites)s))
-ORDER BY d.created_at, d.id
-LIMIT %(limit)s
+  AND (%(site_id)s::bigint IS NULL OR c.site_id = %(site_id)s)
+  AND (%(camera_id)s::bigint IS NULL OR c.id = %(camera_id)s)
+  AND (%(since)s::timestamptz IS NULL OR i.captured_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR i.captured_at < %(until)s)
+  AND (%(min_similarity)s::float8 IS NULL OR d.top1_similarity >= %(min_similarity)s)
+  AND (%(max_similarity)s::float8 IS NULL OR d.top1_similarity <= %(max_similarity)s)
+ORDER BY CASE WHEN %(order)s = 'informative' THEN abs(d.top1_similarity - top.threshold) END NULLS LAST,
+         d.created_at, d.id
+LIMIT %(limit)s OFFSET %(offset)s
+"""
+)
+REVIEW_COUNT_SQL = """
+SELECT count(*) AS n
+FROM detections d JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id
+WHERE d.decision = 'review' AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(%(sites)s))
+  AND (%(site_id)s::bigint IS NULL OR c.site_id = %(site_id)s)
+  AND (%(camera_id)s::bigint IS NULL OR c.id = %(camera_id)s)
+  AND (%(since)s::timestamptz IS NULL OR i.captured_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR i.captured_at < %(until)s)
+  AND (%(min_similarity)s::float8 IS NULL OR d.top1_similarity >= %(min_similarity)s)
+  AND (%(max_similarity)s::float8 IS NULL OR d.top1_similarity <= %(max_similarity)s)
+"""
+ONE_ITEM_SQL = (
+    ITEM_SQL
+    + """
+WHERE d.id = %(detection_id)s AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(%(sites)s))
+"""
+)
+EVENTS_SQL = """
+SELECT action, deer_id, from_deer_id, to_deer_id, from_decision, to_decision, actor, note, created_at
+FROM review_events WHERE detection_id = %s ORDER BY created_at, id
 """
 DETECTION_SQL = """
 SELECT d.id, d.deer_id, d.decision, c.site_id FROM detections d
@@ -40,17 +86,21 @@ DECIDE_SQL = "UPDATE detections SET deer_id = %s, decision = %s, reviewed_by = %
 
 
 class Candidate(TypedDict):
-    """A profile the model proposed for a detection, best first."""
+    """A profile the model proposed for a detection, best first, with the detection that pictures it."""
 
     deer_id: int
     name: str
     similarity: float
+    best_detection_id: int | None
 
 
 class ReviewItem(TypedDict):
     """A detection waiting for review, with its image, box and candidates."""
 
     detection_id: int
+    decision: str
+    deer_id: int | None
+    reviewed_at: datetime | None
     top1_similarity: float | None
     model_version: str | None
     created_at: datetime
@@ -62,7 +112,25 @@ class ReviewItem(TypedDict):
     bbox_y: float
     bbox_w: float
     bbox_h: float
+    accept_threshold: float | None
     candidates: list[Candidate]
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which review-band detections a reviewer asks for, and in which order."""
+
+    site_id: int | None = None
+    camera_id: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    min_similarity: float | None = None
+    max_similarity: float | None = None
+    order: Literal["informative", "oldest"] = "informative"
+
+    def params(self, sites: list[int] | None) -> dict[str, object]:
+        """The SQL parameters of this filter for a caller limited to ``sites``."""
+        return {"sites": sites, **asdict(self)}
 
 
 class Assignment(TypedDict):
@@ -74,11 +142,31 @@ class Assignment(TypedDict):
     action: Action
 
 
-async def review_queue(pool: Pool, *, sites: list[int] | None, limit: int, k: int) -> list[ReviewItem]:
-    """Review-band detections of ``sites``, oldest first, each with its ``k`` best online candidates."""
+async def review_queue(
+    pool: Pool, *, sites: list[int] | None, limit: int, k: int, offset: int = 0, where: QueueFilter | None = None
+) -> tuple[list[ReviewItem], int]:
+    """Review-band detections of ``sites`` that match ``where``, each with its ``k`` best online candidates, and
+    how many match in all."""
+    params = (where or QueueFilter()).params(sites)
     async with pool.connection() as conn:
-        rows = await (await conn.execute(REVIEW_SQL, {"sites": sites, "limit": limit, "k": k})).fetchall()
-    return cast(list[ReviewItem], rows)
+        rows = await (await conn.execute(REVIEW_SQL, {**params, "limit": limit, "k": k, "offset": offset})).fetchall()
+        total = await (await conn.execute(REVIEW_COUNT_SQL, params)).fetchone()
+    return cast(list[ReviewItem], rows), int(total["n"]) if total else 0
+
+
+async def detection_item(
+    pool: Pool, *, detection_id: int, sites: list[int] | None, k: int
+) -> tuple[ReviewItem, list[dict[str, object]]]:
+    """One detection of ``sites`` as the queue shows it (whatever its decision), and its review history, oldest
+    first. NotFound for another site's detection, exactly like a missing one."""
+    async with pool.connection() as conn:
+        item = await (
+            await conn.execute(ONE_ITEM_SQL, {"detection_id": detection_id, "sites": sites, "k": k})
+        ).fetchone()
+        if item is None:
+            raise NotFound(f"detection {detection_id} not found")
+        events = await (await conn.execute(EVENTS_SQL, (detection_id,))).fetchall()
+    return cast(ReviewItem, item), [dict(e) for e in events]
 
 
 async def assign_detection(

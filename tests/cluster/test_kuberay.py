@@ -16,7 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "cluster" / "kuberay"
 NOT_MANIFESTS = {"serve_overrides.yaml"}
 MANIFESTS = sorted(p for p in KUBERAY.glob("*.yaml") if p.name not in NOT_MANIFESTS)
-SECRET_SETTINGS = ("TRAILCAM_DATABASE_URL", "TRAILCAM_REDIS_URL", "TRAILCAM_KEY_PEPPER")
+SECRET_SETTINGS = (
+    "TRAILCAM_DATABASE_URL",
+    "TRAILCAM_REDIS_URL",
+    "TRAILCAM_KEY_PEPPER",
+    "TRAILCAM_UI_SESSION_SECRET",
+    "TRAILCAM_WEBHOOK_SECRET",
+)
 
 
 def documents(kind: str) -> list[dict[str, Any]]:

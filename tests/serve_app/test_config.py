@@ -27,10 +27,13 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
-def test_placeholder_secret_is_refused_in_production() -> None:
-    with pytest.raises(ValidationError, match="TRAILCAM_KEY_PEPPER"):
-        Settings(environment="production")
-    assert Settings(environment="production", key_pepper="a-real-secret").key_pepper == "a-real-secret"
+@pytest.mark.parametrize("secret", ["key_pepper", "ui_session_secret", "webhook_secret"])
+def test_placeholder_secret_is_refused_in_production(secret: str) -> None:
+    real = {"key_pepper": "pepper-1", "ui_session_secret": "session-1", "webhook_secret": "webhook-1"}
+    with pytest.raises(ValidationError, match=f"TRAILCAM_{secret.upper()}"):
+        Settings(environment="production", **{**real, secret: "change-me"})
+    assert getattr(Settings(environment="production", **real), secret) == real[secret]
+    assert Settings(environment="development").ui_session_secret == "change-me"  # fine outside production
 
 
 def _configuration_table() -> dict[str, str]:

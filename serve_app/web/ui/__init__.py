@@ -1,0 +1,1 @@
+"""The web UI: server-rendered pages for the people who review, on the public API."""

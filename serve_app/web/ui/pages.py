@@ -1,0 +1,279 @@
+"""What every UI page shares: templates, the signed-in person, the form check and the calls into the public API.
+
+Pages read and change data only through the app's own ``/api`` routes, called in-process with the session's
+key: the API's access rules (a key sees only its sites; another site's ids answer 404), validation and
+problem+json errors are the pages' too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlencode
+
+import httpx
+from fastapi import Depends, Request
+from fastapi.templating import Jinja2Templates
+from starlette.datastructures import FormData
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from serve_app.errors import InvalidKey
+from serve_app.keys import Principal
+from serve_app.web.ui.session import COOKIE_NAME, Session, Sessions
+
+TEMPLATES = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
+INTERNAL_BASE = "http://trailcam.internal"
+PASSED_HEADERS = ("content-type", "content-length", "etag", "cache-control", "content-disposition")
+
+
+class SignInRequired(Exception):
+    """No valid session: the page answers a redirect to the sign-in form."""
+
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+class PageError(Exception):
+    """A page that cannot be shown: rendered as an error page with the API's status and detail."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def sessions(request: Request) -> Sessions:
+    """The app's session store (made on first use from the app's Redis client and settings)."""
+    store: Sessions | None = getattr(request.app.state, "ui_sessions", None)
+    if store is None:
+        settings = request.app.state.settings
+        store = Sessions(
+            request.app.state.resources.redis, secret=settings.ui_session_secret, ttl_s=settings.ui_session_ttl_s
+        )
+        request.app.state.ui_sessions = store
+    return store
+
+
+def _client(request: Request) -> httpx.AsyncClient:
+    client: httpx.AsyncClient | None = getattr(request.app.state, "ui_api_client", None)
+    if client is None:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=request.app), base_url=INTERNAL_BASE)
+        request.app.state.ui_api_client = client
+    return client
+
+
+def problem_detail(response: httpx.Response) -> str:
+    """The human line of a problem+json answer (or its status line)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"{response.status_code} {response.reason_phrase}"
+    return str(body.get("detail") or body.get("title") or response.reason_phrase)
+
+
+@dataclass
+class Page:
+    """One request of a signed-in person."""
+
+    request: Request
+    session: Session
+    principal: Principal
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.session.api_key}", **(extra or {})}
+
+    async def api(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Call the public API as this person; the answer as the API gave it."""
+        query = {k: v for k, v in (params or {}).items() if v is not None and v != ""}
+        return await _client(self.request).request(
+            method, path, params=query, json=body, headers=self._headers(headers)
+        )
+
+    async def api_json(self, method: str, path: str, **kw: Any) -> Any:
+        """:meth:`api` for a call that must succeed: any other answer becomes the page's error."""
+        response = await self.api(method, path, **kw)
+        if response.status_code >= 400:
+            self.fail(response)
+        return response.json() if response.content else None
+
+    def fail(self, response: httpx.Response) -> NoReturn:
+        """Turn an API refusal into the page's: sign in again on 401, the API's status and detail otherwise."""
+        if response.status_code == 401:
+            raise SignInRequired(self.request.url.path)
+        raise PageError(response.status_code, problem_detail(response))
+
+    async def relay(self, path: str, *, headers: Mapping[str, str] | None = None) -> Response:
+        """Stream a GET of the API to the browser (files and images), passing status, validators and cache
+        headers; nothing is held in memory beyond one chunk."""
+        scope_headers = [(k.encode(), v.encode()) for k, v in self._headers(headers).items()]
+        return await relay_get(self.request, path, scope_headers)
+
+    def render(self, template: str, context: Mapping[str, Any], *, status_code: int = 200) -> HTMLResponse:
+        """A page of the signed-in layout."""
+        response = TEMPLATES.TemplateResponse(
+            self.request,
+            template,
+            {"csrf": self.session.csrf, "principal": self.principal, **context},
+            status_code=status_code,
+        )
+        response.headers["Cache-Control"] = "no-store"  # a person's data and a form token: never cached
+        return response
+
+
+async def signed_in(request: Request) -> Page:
+    """The dependency of every signed-in page: the session and the key's principal, or a redirect to sign in."""
+    store = sessions(request)
+    session = await store.load(request.cookies.get(COOKIE_NAME))
+    next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if session is None:
+        raise SignInRequired(next_path)
+    try:
+        principal = await request.app.state.resources.keys.verify(session.api_key)
+    except InvalidKey as exc:
+        await store.end(session.id)
+        raise SignInRequired(next_path) from exc
+    return Page(request, session, principal)
+
+
+PageDep = Depends(signed_in)
+
+
+async def checked_form(request: Request, page: Page) -> FormData:
+    """The posted form when it carries the session's CSRF token (field ``csrf`` or header ``X-CSRF-Token``);
+    403 otherwise."""
+    form = await request.form()
+    token = form.get("csrf") or request.headers.get("x-csrf-token")
+    if not sessions(request).csrf_valid(page.session, token if isinstance(token, str) else None):
+        raise PageError(403, "the form's security token is missing or stale: reload the page and try again")
+    return form
+
+
+def see_other(path: str, params: Mapping[str, Any] | None = None) -> RedirectResponse:
+    """A 303 to a UI path with its query (after a POST)."""
+    query = urlencode({k: v for k, v in (params or {}).items() if v not in (None, "")})
+    return RedirectResponse(f"{path}?{query}" if query else path, status_code=303)
+
+
+def safe_next(value: str | None) -> str:
+    """A post-sign-in target inside the UI (never another site)."""
+    if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/ui/review"
+
+
+def field_errors(response: httpx.Response) -> dict[str, list[str]]:
+    """A problem+json's per-field messages, by field (rule code first), for showing beside the form's fields."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {"": [problem_detail(response)]}
+    out: dict[str, list[str]] = {}
+    for error in body.get("errors") or []:
+        field = str(error.get("field") or error.get("loc", [""])[-1] or "")
+        rule = error.get("rule") or error.get("code")
+        text = str(error.get("detail") or error.get("msg") or "")
+        out.setdefault(field, []).append(f"{rule}: {text}" if rule else text)
+    if not out:
+        out[""] = [problem_detail(response)]
+    return out
+
+
+def when(value: str | None) -> str:
+    """An ISO timestamp as a short UTC text for tables."""
+    if not value:
+        return ""
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+TEMPLATES.env.filters["when"] = when
+TEMPLATES.env.filters["tojson_attr"] = lambda value: json.dumps(value, separators=(",", ":"))
+
+
+async def relay_get(request: Request, path: str, headers: list[tuple[bytes, bytes]]) -> Response:
+    """GET ``path`` of this app in-process and stream its answer (status, chosen headers, body) to the caller."""
+    app = request.app
+    raw_path, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": raw_path,
+        "raw_path": raw_path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("trailcam.internal", 80),
+        "app": app,
+    }
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)
+    started: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] = asyncio.get_running_loop().create_future()
+
+    finished = asyncio.Event()
+    sent_request = False
+
+    async def receive() -> dict[str, Any]:
+        # The empty body once; after that, like a server, wait until the exchange is over and report a disconnect
+        # (a streaming answer listens for one while it sends).
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await finished.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            started.set_result((int(message["status"]), list(message.get("headers", []))))
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                await chunks.put(bytes(message["body"]))
+            if not message.get("more_body", False):
+                await chunks.put(None)
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            if not started.done():
+                started.set_exception(RuntimeError(f"{path} answered nothing"))
+            await chunks.put(None)
+
+    task = asyncio.create_task(run())
+    status, raw_headers = await started
+    passed = {k.decode().lower(): v.decode() for k, v in raw_headers if k.decode().lower() in PASSED_HEADERS}
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+        finally:
+            finished.set()
+            if not task.done():
+                task.cancel()
+
+    if status == 401:
+        finished.set()
+        task.cancel()
+        raise SignInRequired(str(request.url.path))
+    return StreamingResponse(body(), status_code=status, headers=passed, media_type=passed.get("content-type"))

@@ -1,0 +1,228 @@
+"""The review queue and exports pages, sign-in, sign-out, CSRF and site access on the app the ingress builds
+(real Postgres and Redis, exports by the real runner in a thread; no Ray, no browser: tests/web/test_browser.py
+drives the same pages in Chromium on Serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from serve_app.config import Settings
+from tests.fixtures.ray_cluster import app_settings
+from tests.helpers import auth
+from tests.serve_app.test_ingress_without_ray import ThreadQueue
+from tests.waiting import wait_until_async
+from tests.web.scenario import ReviewScenario, hidden, review_scenario, sign_in
+
+Scenario = Callable[[httpx.AsyncClient], Coroutine[Any, Any, None]]
+
+
+@asynccontextmanager
+async def ui_client(settings: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    from serve_app.ingress import create_app
+
+    app = create_app(settings, export_queue=ThreadQueue(Settings(**settings)))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
+            yield client
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, tmp_path: Path) -> dict[str, Any]:
+    return app_settings(database_url, redis_url, tmp_path)
+
+
+@pytest.fixture
+def scenario(db: psycopg.Connection[Any], tmp_path: Path) -> ReviewScenario:
+    return review_scenario(db, tmp_path / "images")
+
+
+@pytest.fixture
+def run(settings: dict[str, Any]) -> Callable[[Scenario], None]:
+    def go(body: Scenario) -> None:
+        async def main() -> None:
+            async with ui_client(settings) as client:
+                await body(client)
+
+        asyncio.run(main())
+
+    return go
+
+
+def test_pages_need_a_sign_in_and_a_valid_key(scenario: ReviewScenario, run: Callable[[Scenario], None]) -> None:
+    async def body(client: httpx.AsyncClient) -> None:
+        page = await client.get("/ui/review?site_id=1")
+        assert page.status_code == 303 and page.headers["location"] == "/ui/login?next=%2Fui%2Freview%3Fsite_id%3D1"
+        form = await client.get("/ui/login")
+        assert (
+            "content-security-policy" in form.headers and "script-src 'self'" in form.headers["content-security-policy"]
+        )
+        wrong = await client.post(
+            "/ui/login", data={"api_key": "tc_" + "x" * 43, "login_token": hidden(form.text, "login_token")}
+        )
+        assert (
+            wrong.status_code == 401
+            and "not valid" in wrong.text
+            and "trailcam_ui" not in wrong.headers.get("set-cookie", "")
+        )
+        forged = await client.post("/ui/login", data={"api_key": scenario.key, "login_token": "1.forged"})
+        assert forged.status_code == 403
+        done = await client.post(
+            "/ui/login",
+            data={
+                "api_key": scenario.key,
+                "login_token": hidden(form.text, "login_token"),
+                "next": "https://evil.example/",
+            },
+        )
+        assert done.status_code == 303 and done.headers["location"] == "/ui/review"
+        cookie = done.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+        assert scenario.key not in done.headers["set-cookie"]
+        page = await client.get("/ui/review")
+        assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+        csrf = hidden(page.text, "csrf")
+        # Sign-out needs the form's token; then the cookie no longer opens anything, even if replayed.
+        cookie_value = client.cookies.get("trailcam_ui")
+        assert (await client.post("/ui/logout", data={})).status_code == 403
+        out = await client.post("/ui/logout", data={"csrf": csrf})
+        assert out.status_code == 303 and out.headers["location"] == "/ui/login"
+        client.cookies.set("trailcam_ui", str(cookie_value))
+        assert (await client.get("/ui/review")).status_code == 303
+
+    run(body)
+
+
+def test_review_queue_shows_the_most_informative_item_and_records_decisions(
+    scenario: ReviewScenario, db: psycopg.Connection[Any], run: Callable[[Scenario], None]
+) -> None:
+    async def body(client: httpx.AsyncClient) -> None:
+        csrf = await sign_in(client, scenario.key)
+        page = await client.get("/ui/review")
+        first = scenario.queue[0]
+        assert f"Detection {first}" in page.text and "<strong>4</strong> detections left" in page.text
+        for name in scenario.deer_names:
+            assert name in page.text
+        crop = await client.get(f"/ui/crops/{first}")
+        assert crop.status_code == 200 and crop.headers["content-type"] == "image/jpeg"
+        cached = await client.get(f"/ui/crops/{first}", headers={"if-none-match": crop.headers["etag"]})
+        assert cached.status_code == 304
+        # A decision without the form's token changes nothing.
+        refused = await client.post(f"/ui/review/{first}", data={"action": f"accept:{scenario.deer[0]}"})
+        assert refused.status_code == 403
+        assert db.execute("SELECT decision FROM detections WHERE id = %s", (first,)).fetchone() == {
+            "decision": "review"
+        }
+        done = await client.post(
+            f"/ui/review/{first}",
+            data={"csrf": csrf, "action": f"accept:{scenario.deer[0]}", "note": "left ear notch", "pos": "0"},
+        )
+        assert done.status_code == 303
+        page = await client.get(done.headers["location"])
+        assert (
+            f"Decision saved for detection {first}" in page.text and "<strong>3</strong> detections left" in page.text
+        )
+        assert f"Detection {scenario.queue[1]}" in page.text
+        new = await client.post(
+            f"/ui/review/{scenario.queue[1]}", data={"csrf": csrf, "action": "new", "new_name": "Buck 7", "pos": "0"}
+        )
+        assert new.status_code == 303
+        none = await client.post(f"/ui/review/{scenario.queue[2]}", data={"csrf": csrf, "action": "unassign"})
+        assert none.status_code == 303
+        events = db.execute(
+            "SELECT detection_id, action, note FROM review_events WHERE detection_id = ANY(%s) ORDER BY id",
+            (scenario.queue[:3],),
+        ).fetchall()
+        assert [(e["detection_id"], e["action"], e["note"]) for e in events] == [
+            (scenario.queue[0], "assign", "left ear notch"),
+            (scenario.queue[1], "new_deer", None),
+            (scenario.queue[2], "unassign", None),
+        ]
+        seen = (await client.get(f"/api/detections/{scenario.queue[0]}", headers=auth(scenario.key))).json()
+        assert seen["decision"] == "manual" and seen["deer_id"] == scenario.deer[0]
+        assert [(e["action"], e["note"]) for e in seen["review_events"]] == [("assign", "left ear notch")]
+        detail = await client.get(f"/ui/review/{scenario.queue[0]}")
+        assert detail.status_code == 200 and "left ear notch" in detail.text and "manual" in detail.text
+        missing_name = await client.post(f"/ui/review/{scenario.queue[3]}", data={"csrf": csrf, "action": "new"})
+        assert missing_name.status_code == 422 and "name" in missing_name.text
+
+    run(body)
+
+
+def test_review_filters_and_bad_filters(scenario: ReviewScenario, run: Callable[[Scenario], None]) -> None:
+    async def body(client: httpx.AsyncClient) -> None:
+        await sign_in(client, scenario.key)
+        band = await client.get("/ui/review", params={"min_similarity": "0.62", "max_similarity": "0.72"})
+        assert "<strong>2</strong> detections left" in band.text
+        oldest = await client.get("/ui/review", params={"order": "oldest", "camera_id": str(scenario.camera)})
+        assert f"Detection {scenario.queue[0]}" in oldest.text  # the oldest is also the closest here
+        today = dt.datetime.now(dt.UTC).date()
+        future = await client.get("/ui/review", params={"since": str(today + dt.timedelta(days=2))})
+        assert "<strong>0</strong> detections left" in future.text and "Nothing waits for review" in future.text
+        bad = await client.get("/ui/review", params={"min_similarity": "high"})
+        assert bad.status_code == 422 and "min_similarity" in bad.text
+        skip = await client.get("/ui/review", params={"pos": "1"})
+        assert f"Detection {scenario.queue[1]}" in skip.text and "showing 2 of 4" in skip.text
+
+    run(body)
+
+
+def test_another_sites_detection_is_not_found(scenario: ReviewScenario, run: Callable[[Scenario], None]) -> None:
+    async def body(client: httpx.AsyncClient) -> None:
+        csrf = await sign_in(client, scenario.key)
+        assert (await client.get(f"/ui/crops/{scenario.other_detection}")).status_code == 404
+        assert (await client.get(f"/ui/review/{scenario.other_detection}")).status_code == 404
+        api = await client.get(f"/api/detections/{scenario.other_detection}", headers=auth(scenario.key))
+        assert api.status_code == 404 and api.headers["content-type"] == "application/problem+json"
+        decide = await client.post(f"/ui/review/{scenario.other_detection}", data={"csrf": csrf, "action": "unassign"})
+        assert decide.status_code == 404 and "not found" in decide.text.lower()
+        page = await client.get("/ui/review")
+        assert f"Detection {scenario.other_detection}" not in page.text
+        assert (await client.get(f"/ui/review?site_id={scenario.other_site}")).text.count("Detection ") == 0
+
+    run(body)
+
+
+def test_exports_form_shows_rules_beside_fields_and_jobs_until_they_end(
+    scenario: ReviewScenario, run: Callable[[Scenario], None]
+) -> None:
+    today = dt.datetime.now(dt.UTC).date()
+
+    async def body(client: httpx.AsyncClient) -> None:
+        csrf = await sign_in(client, scenario.key)
+        backwards = {"csrf": csrf, "start_date": str(today), "end_date": str(today - dt.timedelta(days=3)),
+                     "group_by": "week", "format": "csv"}  # fmt: skip
+        refused = await client.post("/ui/exports", data=backwards)
+        assert refused.status_code == 400
+        assert 'id="err-end_date">VR-001' in refused.text and "No exports requested" in refused.text
+        assert (await client.post("/ui/exports", data={**backwards, "csrf": ""})).status_code == 403
+        valid = {**backwards, "start_date": str(today - dt.timedelta(days=7)), "end_date": str(today)}
+        created = await client.post("/ui/exports", data=valid)
+        assert created.status_code == 303
+        job_id = created.headers["location"].split("created=")[1]
+
+        async def completed() -> str | None:
+            fragment = await client.get("/ui/exports/jobs")
+            return fragment.text if 'data-status="completed"' in fragment.text else None
+
+        fragment = await wait_until_async(completed, timeout_s=60, what="the export completed on the page")
+        assert 'data-polling="no"' in fragment and "hx-trigger" not in fragment  # polling stops at the end
+        file = await client.get(f"/ui/exports/{job_id}/download")
+        assert file.status_code == 200 and file.headers["content-type"].startswith("text/csv")
+        assert file.content.startswith(b"period") or b"," in file.content.splitlines()[0]
+        api = await client.get(f"/api/exports/{job_id}", headers=auth(scenario.key))
+        assert api.json()["status"] == "completed"
+        gone = await client.post(f"/ui/exports/{job_id}/cancel", data={"csrf": csrf})
+        assert gone.status_code == 303
+        assert (await client.get(f"/api/exports/{job_id}", headers=auth(scenario.key))).status_code == 404
+
+    run(body)
