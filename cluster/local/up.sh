@@ -85,6 +85,7 @@ for i in $(seq 1 300); do
         echo "trailcam-reid is up:"
         echo "  API        $API   (key in .data/dev-api-key: Authorization: Bearer \$(cat .data/dev-api-key))"
         echo "  docs       $API/docs"
+        echo "  web UI     $API/ui  (sign in with the key below)"
         echo "  dashboard  http://$DASHBOARD"
         echo "  stop with  make down"
         echo "  model      $(sed -n 's/^# Model card: //p' "$DATA/model.txt") (card: $CARD)"

@@ -73,7 +73,7 @@ def check_page(page: Page) -> None:
 
 def ready(page: Page) -> None:
     """Wait until the page's scripts run (the keys work only then; a heading can show before)."""
-    page.wait_for_function("document.readyState === 'complete'")
+    page.wait_for_load_state("load")
 
 
 def sign_in(page: Page, base: str, key: str, *, to: str = "/ui/review") -> None:
@@ -139,6 +139,8 @@ def test_access_and_forms_need_the_session_and_its_token(
     other = page.goto(f"{serve_url}/ui/review/{scenario.other_detection}")
     assert other is not None and other.status == 404
     expect(page.get_by_role("heading", level=1)).to_contain_text("Not found")
+    assert [e for e in browser_log.console_errors if "404" not in e] == []  # the browser logs the 404 itself
+    browser_log.console_errors.clear()
     crop = page.request.get(f"{serve_url}/ui/crops/{scenario.other_detection}")
     assert crop.status == 404
     target = scenario.queue[3]
@@ -172,6 +174,8 @@ def test_export_refused_beside_its_field_then_completed_and_downloaded(
     expect(page.get_by_label("Last day")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#jobs")).to_contain_text("No exports requested")
     shot(page, "exports-refused")
+    assert [e for e in browser_log.console_errors if "400" not in e] == []  # the browser logs the refusal itself
+    browser_log.console_errors.clear()
     assert len(list(jobs.scan_iter(match=scripts.JOB_PREFIX + "*", count=1000))) == before
 
     page.get_by_label("First day").fill(str(today - dt.timedelta(days=7)))
@@ -198,8 +202,8 @@ def test_profiles_and_reports_pages(
     sign_in(page, serve_url, scenario.key, to="/ui/deer")
     for name in scenario.deer_names:
         expect(page.get_by_role("link", name=re.compile(name)).first).to_be_visible()
-    loaded = "els => els.every(e => e.complete && e.naturalWidth > 0)"
-    page.wait_for_function(f"({loaded})(Array.from(document.images))")
+    loaded = "() => Array.from(document.images).every(e => e.complete && e.naturalWidth > 0)"
+    page.wait_for_function(loaded)
     shot(page, "deer")
     check_page(page)
 
@@ -212,7 +216,7 @@ def test_profiles_and_reports_pages(
     page.goto(f"{serve_url}/ui/reports")
     histogram = page.locator("img[src*='histogram.png']")
     expect(histogram).to_have_count(1)
-    page.wait_for_function(f"({loaded})(Array.from(document.images))")
+    page.wait_for_function(loaded)
     expect(page.locator("main")).to_contain_text(MODEL)
     shot(page, "reports")
     check_page(page)
