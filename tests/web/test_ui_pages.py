@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from serve_app.config import Settings
+from tests import factories
 from tests.fixtures.ray_cluster import app_settings
 from tests.helpers import auth
 from tests.serve_app.test_ingress_without_ray import ThreadQueue
@@ -226,3 +227,57 @@ def test_exports_form_shows_rules_beside_fields_and_jobs_until_they_end(
         assert (await client.get(f"/api/exports/{job_id}", headers=auth(scenario.key))).status_code == 404
 
     run(body)
+
+
+def ui_routes(app: Any) -> list[tuple[str, str]]:
+    """(METHOD, path) of every /ui route the app serves."""
+    out: list[tuple[str, str]] = []
+    for route in app.router.routes:
+        contexts = route.effective_route_contexts() if hasattr(route, "effective_route_contexts") else [route]
+        for context in contexts:
+            path = getattr(context, "path", "")
+            if path.startswith("/ui"):
+                out.extend((method, path) for method in sorted(getattr(context, "methods", ()) or ()))
+    return out
+
+
+def test_every_ui_route_needs_a_session_and_hides_another_sites_ids(
+    scenario: ReviewScenario, settings: dict[str, Any], db: psycopg.Connection[Any]
+) -> None:
+    from serve_app.ingress import create_app
+
+    routes = ui_routes(create_app(settings))
+    assert len(routes) >= 18, routes
+    other_deer = db.execute("SELECT id FROM deer WHERE site_id = %s LIMIT 1", (scenario.other_site,)).fetchone()
+    if other_deer is None:
+        other_deer = {"id": factories.deer(db, site_id=scenario.other_site, name="Stranger")}
+    ids = {"detection_id": scenario.other_detection, "deer_id": other_deer["id"], "job_id": "0" * 32,
+           "report_id": 987654321}  # fmt: skip
+    public = {("GET", "/ui/login"), ("POST", "/ui/login"), ("GET", "/ui")}
+
+    async def body(client: httpx.AsyncClient) -> None:
+        for method, path in routes:
+            if (method, path) in public:
+                continue
+            url = path.format(**ids)
+            anonymous = await client.request(method, url, data={"csrf": "x"} if method == "POST" else None)
+            assert anonymous.status_code == 303, (method, path, anonymous.status_code)
+            assert anonymous.headers["location"].startswith("/ui/login"), (method, path)
+        csrf = await sign_in(client, scenario.key)
+        for method, path in routes:
+            if "{" not in path:
+                continue
+            url = path.format(**ids)
+            form = {"csrf": csrf, "into": "1", "name": "x", "action": "unassign"}
+            answer = await client.request(
+                method, url, data=form if method == "POST" else None, params={"into": 1} if method == "GET" else None
+            )
+            assert answer.status_code == 404, (method, path, answer.status_code, answer.text[:300])
+        row = db.execute("SELECT name, merged_into FROM deer WHERE id = %s", (other_deer["id"],)).fetchone()
+        assert row is not None and row["merged_into"] is None and row["name"] != "x"
+
+    async def main() -> None:
+        async with ui_client(settings) as client:
+            await body(client)
+
+    asyncio.run(main())
