@@ -10,6 +10,8 @@ from pydantic import Field, PostgresDsn, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me"  # noqa: S105 - the value refused outside development
+MAX_NOTIFY_BUDGET_S = 900.0
+"""Longest one export notification may keep retrying (every try timing out, plus the waits), seconds."""
 DEFAULT_SCIENTIFIC_NAME = "Odocoileus virginianus"
 """The taxon an export names when none is configured (white-tailed deer): Settings and the runner share it."""
 
@@ -80,6 +82,10 @@ class Settings(BaseSettings):
         "outside development and test.",
     )
     ui_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Lifetime of a web UI sign-in, seconds.")
+    ui_cookie_secure: bool | None = Field(
+        default=None,
+        description="Secure flag of the web UI's cookies; None: in production, or when a page is served over HTTPS.",
+    )
     smtp_host: str | None = Field(default=None, description="SMTP server for export e-mails; None sends none.")
     smtp_port: int = Field(default=25, ge=1, le=65535, description="SMTP port.")
     smtp_username: str | None = Field(default=None, description="SMTP user name (None: no login).")
@@ -90,11 +96,28 @@ class Settings(BaseSettings):
         default=PLACEHOLDER_SECRET,
         description="Secret that signs export webhooks (HMAC-SHA256); must be changed outside development and test.",
     )
+    webhook_private_targets: bool = Field(
+        default=False,
+        description="Allow export webhooks to loopback, private and link-local addresses (off: refused).",
+    )
     notify_attempts: int = Field(default=5, ge=1, le=20, description="Tries per export notification.")
     notify_backoff_s: float = Field(
         default=1.0, ge=0, description="First wait between notification tries, seconds; doubles after each."
     )
     notify_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one notification try, seconds.")
+
+    @model_validator(mode="after")
+    def _bounded_notifications(self) -> Settings:
+        # Every try timing out plus the doubling waits: what an export task may wait on its notifications.
+        budget = self.notify_attempts * self.notify_timeout_s + self.notify_backoff_s * (
+            2 ** (self.notify_attempts - 1) - 1
+        )
+        if budget > MAX_NOTIFY_BUDGET_S:
+            raise ValueError(
+                f"notify_attempts, notify_timeout_s and notify_backoff_s allow {budget:.0f} s per notification; "
+                f"keep it at most {MAX_NOTIFY_BUDGET_S:.0f} s"
+            )
+        return self
 
     @model_validator(mode="after")
     def _enforce_non_default_secrets(self) -> Settings:

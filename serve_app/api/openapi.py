@@ -55,7 +55,12 @@ the site) is logged with the threshold in force and the model version.
 """
 
 _REVIEW = """\
-`GET /api/review` lists detections in the review band with their candidates.
+`GET /api/review` lists detections in the review band with their candidates (each with
+`best_detection_id`, the detection that pictures the profile) and `total`, the count that match: filter by
+`site_id`, `camera_id`, capture time (`since`, `until`), top-1 similarity (`min_similarity`,
+`max_similarity`), order oldest first (the default) or `order=informative` (closest to the accept threshold
+first), page with `limit` and `offset`. `GET /api/detections/{id}` shows one detection the same way, whatever
+its decision, with its `review_events` (each decision and its note).
 `POST /api/detections/{id}/assignment` decides one: `{"deer_id": ..}`, `{"new_deer": {"name": ..}}` or
 `{"unassign": true}`, each with an optional `note`. Assigning to a merged profile answers 409
 `deer-merged` (also when the merge commits while the assignment waits). Every assignment change is

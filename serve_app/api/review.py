@@ -55,7 +55,7 @@ async def review_queue(
     min_similarity: float | None = Query(default=None, ge=-1, le=1, description="top-1 similarity at least"),
     max_similarity: float | None = Query(default=None, ge=-1, le=1, description="top-1 similarity at most"),
     order: Literal["informative", "oldest"] = Query(
-        default="informative", description="informative: closest to the accept threshold first; oldest: FIFO"
+        default="oldest", description="oldest: first in, first out; informative: closest to the accept threshold first"
     ),
 ) -> dict[str, Any]:
     """Review-band detections of the key's sites that match the filters, and how many match in all (``total``)."""

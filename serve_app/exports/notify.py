@@ -12,14 +12,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import ipaddress
 import logging
 import smtplib
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from urllib.parse import urlsplit
 
 import httpx
 import redis.asyncio as aioredis
@@ -54,6 +57,7 @@ class NotifyConfig:
     attempts: int
     backoff_s: float
     timeout_s: float
+    private_targets: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NotifyConfig:
@@ -69,6 +73,7 @@ class NotifyConfig:
             attempts=settings.notify_attempts,
             backoff_s=settings.notify_backoff_s,
             timeout_s=settings.notify_timeout_s,
+            private_targets=settings.webhook_private_targets,
         )
 
     @property
@@ -152,7 +157,24 @@ async def _mail(ended: Ended, to: str, config: NotifyConfig) -> _Failure | None:
     return None
 
 
+async def _refused_target(url: str) -> _Failure | None:
+    """A webhook whose host resolves to a loopback, private, link-local or otherwise non-public address is not
+    sent (unless Settings.webhook_private_targets): an export request must not reach inside the network."""
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return _Failure(f"cannot resolve {host}: {_one_line(exc)}", retry=True)
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            return _Failure(f"refused: {host} is not a public address (TRAILCAM_WEBHOOK_PRIVATE_TARGETS)", retry=False)
+    return None
+
+
 async def _post(ended: Ended, url: str, config: NotifyConfig, client: httpx.AsyncClient) -> _Failure | None:
+    if not config.private_targets and (refused := await _refused_target(url)) is not None:
+        return refused
     body = webhook_body(ended)
     headers = {
         "Content-Type": "application/json",

@@ -126,7 +126,7 @@ class QueueFilter:
     until: datetime | None = None
     min_similarity: float | None = None
     max_similarity: float | None = None
-    order: Literal["informative", "oldest"] = "informative"
+    order: Literal["informative", "oldest"] = "oldest"
 
     def params(self, sites: list[int] | None) -> dict[str, object]:
         """The SQL parameters of this filter for a caller limited to ``sites``."""

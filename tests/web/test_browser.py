@@ -18,21 +18,19 @@ from playwright.sync_api import Page, expect
 from batch.report import build_report
 from serve_app.exports import scripts
 from serve_app.store.reports import store_report
-from tests.fixtures.browser import BrowserLog
+from tests.fixtures.browser import BrowserLog, screenshot
 from tests.helpers import auth
 from tests.web.scenario import MODEL, ReviewScenario, review_scenario
 
 pytestmark = pytest.mark.slow
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "ui"
 PAGE_BUDGET_BYTES = 150_000
 TABLET = {"width": 768, "height": 1024}
 INTERACTIVE = "a[href], button, input:not([type=hidden]), select, textarea"
 
 
 def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
+    screenshot(page, name, full_page=True)
 
 
 def page_weight(page: Page) -> int:

@@ -11,10 +11,9 @@ import httpx
 from playwright.sync_api import Page, expect
 
 from serve_app.web.security import CONTENT_SECURITY_POLICY
-from tests.fixtures.browser import BrowserLog
+from tests.fixtures.browser import BrowserLog, screenshot
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = ROOT / "docs" / "ui" / "docs.png"
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 KNOWN_SUMMARY = "Identify one detection"
 URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|(https?://[^\s"'<>]+)""", re.IGNORECASE)
@@ -46,8 +45,7 @@ def test_swagger_ui_lists_every_operation_without_leaving_the_app(
     assert shown == expected
 
     page.wait_for_load_state("networkidle")  # anything the UI loads after rendering has been asked for
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=SCREENSHOT)
+    screenshot(page, "docs")
     assert browser_log.errors == []
     assert browser_log.outside_requests == []
 

@@ -73,7 +73,7 @@ def test_pages_need_a_sign_in_and_a_valid_key(scenario: ReviewScenario, run: Cal
         assert (
             wrong.status_code == 401
             and "not valid" in wrong.text
-            and "trailcam_ui" not in wrong.headers.get("set-cookie", "")
+            and "trailcam_ui=" not in wrong.headers.get("set-cookie", "")
         )
         forged = await client.post("/ui/login", data={"api_key": scenario.key, "login_token": "1.forged"})
         assert forged.status_code == 403
@@ -281,3 +281,40 @@ def test_every_ui_route_needs_a_session_and_hides_another_sites_ids(
             await body(client)
 
     asyncio.run(main())
+
+
+def test_odd_input_is_a_clear_refusal_never_a_500(scenario: ReviewScenario, run: Callable[[Scenario], None]) -> None:
+    async def body(client: httpx.AsyncClient) -> None:
+        form = await client.get("/ui/login")
+        token = hidden(form.text, "login_token")
+        # Non-ASCII in every token a browser sends back.
+        assert (await client.post("/ui/login", data={"api_key": "k", "login_token": "123.é"})).status_code == 403
+        odd_cookie = {"cookie": "trailcam_ui=abc.é".encode()}
+        assert (await client.get("/ui/review", headers=odd_cookie)).status_code == 303
+        # The sign-in token is bound to this browser's sign-in cookie: another browser cannot use it.
+        async with httpx.AsyncClient(transport=client._transport, base_url="http://app") as other:
+            stolen = await other.post("/ui/login", data={"api_key": scenario.key, "login_token": token})
+            assert stolen.status_code == 403 and "trailcam_ui=" not in stolen.headers.get("set-cookie", "")
+        # A form another site sends is refused even with the right tokens.
+        cross = await client.post(
+            "/ui/login", data={"api_key": scenario.key, "login_token": token}, headers={"Sec-Fetch-Site": "cross-site"}
+        )
+        assert cross.status_code == 403
+        csrf = await sign_in(client, scenario.key)
+        assert (await client.post("/ui/logout", data={"csrf": "é"})).status_code == 403
+        assert (await client.post("/ui/logout", headers={"X-CSRF-Token": "é".encode()})).status_code == 403
+        elsewhere = await client.post(
+            f"/ui/review/{scenario.queue[0]}",
+            data={"csrf": csrf, "action": "unassign"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert elsewhere.status_code == 403
+        for url in ("/ui/review?pos=²", "/ui/deer?offset=²", "/ui/review?until=9999-12-31", "/ui/review?since=x"):
+            answer = await client.get(url)
+            assert answer.status_code < 500, (url, answer.status_code)
+        merge = await client.get(f"/ui/deer/{scenario.deer[0]}/merge", params={"into": "²"})
+        assert merge.status_code == 400
+        accept = await client.post(f"/ui/review/{scenario.queue[0]}", data={"csrf": csrf, "action": "accept:²"})
+        assert accept.status_code == 422
+
+    run(body)

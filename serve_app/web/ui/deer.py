@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, Response
 
-from serve_app.web.ui.pages import Page, PageDep, PageError, checked_form, field_errors, see_other
+from serve_app.web.ui.pages import Page, PageDep, PageError, checked_form, field_errors, see_other, whole_number
 
 router = APIRouter()
 
@@ -79,7 +79,7 @@ def weekly_chart(weeks: list[dict[str, Any]]) -> Chart | None:
 
 
 def _offset(raw: str | None) -> int:
-    return int(raw) if raw and raw.isdigit() and len(raw) < 10 else 0
+    return whole_number(raw, digits=9) or 0
 
 
 @router.get("/deer", response_class=HTMLResponse)
@@ -129,8 +129,8 @@ async def _render_profile(
             "other_errors": [m for f, ms in (errors or {}).items() if f not in FIELDS for m in ms],
             "sexes": SEXES,
             "saved": query.get("saved") == "1",
-            "merged": query.get("merged") if (query.get("merged") or "").isdigit() else None,
-            "moved": query.get("moved") if (query.get("moved") or "").isdigit() else None,
+            "merged": whole_number(query.get("merged")),
+            "moved": whole_number(query.get("moved")),
         },
         status_code=status_code,
     )
@@ -161,10 +161,10 @@ async def edit_deer(deer_id: DeerId, request: Request, page: Page = PageDep) -> 
 
 def _into(raw: object) -> int:
     """The chosen profile id of a merge form or link."""
-    text = raw.strip() if isinstance(raw, str) else ""
-    if not text.isdigit() or len(text) > 18 or int(text) == 0:
+    chosen = whole_number(raw.strip() if isinstance(raw, str) else None)
+    if not chosen:
         raise PageError(400, "choose the profile to merge into")
-    return int(text)
+    return chosen
 
 
 @router.get("/deer/{deer_id}/merge", response_class=HTMLResponse)

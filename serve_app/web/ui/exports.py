@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -30,7 +31,7 @@ async def _jobs(page: Page) -> list[dict[str, Any]]:
     store = sessions(page.request)
     jobs: list[dict[str, Any]] = []
     for job_id in await store.exports(page.session.id):
-        response = await page.api("GET", f"/api/exports/{job_id}")
+        response = await page.api("GET", f"/api/exports/{quote(job_id, safe='')}")
         if response.status_code == 404:
             await store.forget_export(page.session.id, job_id)
             continue
@@ -124,7 +125,7 @@ async def cancel_export(job_id: str, request: Request, page: Page = PageDep) -> 
     """DELETE /api/exports/{id}: a running job stops, its status and file go."""
     await checked_form(request, page)
     store = sessions(request)
-    response = await page.api("DELETE", f"/api/exports/{job_id}")
+    response = await page.api("DELETE", f"/api/exports/{quote(job_id, safe='')}")
     # A job of this sign-in that already expired just leaves the list; any other unknown id is the API's 404.
     if response.status_code != 204 and not (
         response.status_code == 404 and job_id in await store.exports(page.session.id)
@@ -139,4 +140,4 @@ async def cancel_export(job_id: str, request: Request, page: Page = PageDep) -> 
 @router.get("/exports/{job_id}/download")
 async def download(job_id: str, page: Page = PageDep) -> Response:
     """The file, streamed from the API's download route."""
-    return await page.relay(f"/api/exports/{job_id}/download")
+    return page.relay(f"/api/exports/{quote(job_id, safe='')}/download")

@@ -7,20 +7,19 @@ problem+json errors are the pages' too.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 from starlette.datastructures import FormData
-from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from serve_app.errors import InvalidKey
 from serve_app.keys import Principal
@@ -116,11 +115,11 @@ class Page:
             raise SignInRequired(self.request.url.path)
         raise PageError(response.status_code, problem_detail(response))
 
-    async def relay(self, path: str, *, headers: Mapping[str, str] | None = None) -> Response:
+    def relay(self, path: str, *, headers: Mapping[str, str] | None = None) -> Response:
         """Stream a GET of the API to the browser (files and images), passing status, validators and cache
         headers; nothing is held in memory beyond one chunk."""
         scope_headers = [(k.encode(), v.encode()) for k, v in self._headers(headers).items()]
-        return await relay_get(self.request, path, scope_headers)
+        return Relay(path, scope_headers, sign_in_path=self.request.url.path)
 
     def render(self, template: str, context: Mapping[str, Any], *, status_code: int = 200) -> HTMLResponse:
         """A page of the signed-in layout."""
@@ -152,14 +151,42 @@ async def signed_in(request: Request) -> Page:
 PageDep = Depends(signed_in)
 
 
+def cross_site(request: Request) -> bool:
+    """True for a request a browser says another site started (``Sec-Fetch-Site``, or an ``Origin`` that is not
+    this host): refused on every form, whatever it carries."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("origin")
+    return origin is not None and origin != "null" and urlsplit(origin).netloc != request.headers.get("host", "")
+
+
+def secure_cookies(request: Request) -> bool:
+    """Whether the UI's cookies get the Secure flag: the setting when given; otherwise in production (TLS is
+    normally terminated in front of Serve, which then sees plain HTTP) or when this request came over HTTPS."""
+    settings = request.app.state.settings
+    if settings.ui_cookie_secure is not None:
+        return bool(settings.ui_cookie_secure)
+    return settings.environment == "production" or request.url.scheme == "https"
+
+
 async def checked_form(request: Request, page: Page) -> FormData:
-    """The posted form when it carries the session's CSRF token (field ``csrf`` or header ``X-CSRF-Token``);
-    403 otherwise."""
+    """The posted form when it carries the session's CSRF token (field ``csrf`` or header ``X-CSRF-Token``) and
+    no browser says another site sent it; 403 otherwise."""
+    if cross_site(request):
+        raise PageError(403, "a form sent from another site is refused")
     form = await request.form()
     token = form.get("csrf") or request.headers.get("x-csrf-token")
     if not sessions(request).csrf_valid(page.session, token if isinstance(token, str) else None):
         raise PageError(403, "the form's security token is missing or stale: reload the page and try again")
     return form
+
+
+def whole_number(text: object, *, digits: int = 18) -> int | None:
+    """``text`` as a non-negative int when it is plain ASCII digits (at most ``digits``); None otherwise."""
+    if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= digits:
+        return int(text)
+    return None
 
 
 def see_other(path: str, params: Mapping[str, Any] | None = None) -> RedirectResponse:
@@ -204,76 +231,59 @@ def when(value: str | None) -> str:
 
 
 TEMPLATES.env.filters["when"] = when
-TEMPLATES.env.filters["tojson_attr"] = lambda value: json.dumps(value, separators=(",", ":"))
 
 
-async def relay_get(request: Request, path: str, headers: list[tuple[bytes, bytes]]) -> Response:
-    """GET ``path`` of this app in-process and stream its answer (status, chosen headers, body) to the caller."""
-    app = request.app
-    raw_path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": raw_path,
-        "raw_path": raw_path.encode(),
-        "root_path": "",
-        "query_string": query.encode(),
-        "headers": headers,
-        "client": ("127.0.0.1", 0),
-        "server": ("trailcam.internal", 80),
-        "app": app,
-    }
-    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)
-    started: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] = asyncio.get_running_loop().create_future()
+class Relay(Response):
+    """GET a path of this app in-process and stream its answer to the browser as it comes: status, the headers in
+    PASSED_HEADERS, then each body chunk (the browser's pace is the inner answer's pace; nothing is buffered).
+    The browser's disconnect reaches the inner answer, which stops. A 401 (the key was revoked) becomes a
+    redirect to sign in."""
 
-    finished = asyncio.Event()
-    sent_request = False
+    def __init__(self, path: str, headers: list[tuple[bytes, bytes]], *, sign_in_path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.inner_headers = headers
+        self.sign_in_path = sign_in_path
 
-    async def receive() -> dict[str, Any]:
-        # The empty body once; after that, like a server, wait until the exchange is over and report a disconnect
-        # (a streaming answer listens for one while it sends).
-        nonlocal sent_request
-        if not sent_request:
-            sent_request = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await finished.wait()
-        return {"type": "http.disconnect"}
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope["app"]
+        raw_path, _, query = self.path.partition("?")
+        inner: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": raw_path,
+            "raw_path": raw_path.encode(),
+            "root_path": "",
+            "query_string": query.encode(),
+            "headers": self.inner_headers,
+            "client": ("127.0.0.1", 0),
+            "server": ("trailcam.internal", 80),
+            "app": app,
+        }
+        requested = False
+        refused = False
 
-    async def send(message: Mapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            started.set_result((int(message["status"]), list(message.get("headers", []))))
-        elif message["type"] == "http.response.body":
-            if message.get("body"):
-                await chunks.put(bytes(message["body"]))
-            if not message.get("more_body", False):
-                await chunks.put(None)
+        async def inner_receive() -> Message:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return await receive()  # the browser's disconnect
 
-    async def run() -> None:
-        try:
-            await app(scope, receive, send)
-        finally:
-            if not started.done():
-                started.set_exception(RuntimeError(f"{path} answered nothing"))
-            await chunks.put(None)
+        async def inner_send(message: Message) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start":
+                if message["status"] == 401:
+                    refused = True
+                    target = f"/ui/login?{urlencode({'next': self.sign_in_path})}"
+                    await RedirectResponse(target, status_code=303)(scope, receive, send)
+                    return
+                headers = [(k, v) for k, v in message.get("headers", []) if k.decode().lower() in PASSED_HEADERS]
+                await send({"type": "http.response.start", "status": message["status"], "headers": headers})
+            elif message["type"] == "http.response.body" and not refused:
+                await send(message)
 
-    task = asyncio.create_task(run())
-    status, raw_headers = await started
-    passed = {k.decode().lower(): v.decode() for k, v in raw_headers if k.decode().lower() in PASSED_HEADERS}
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            while (chunk := await chunks.get()) is not None:
-                yield chunk
-        finally:
-            finished.set()
-            if not task.done():
-                task.cancel()
-
-    if status == 401:
-        finished.set()
-        task.cancel()
-        raise SignInRequired(str(request.url.path))
-    return StreamingResponse(body(), status_code=status, headers=passed, media_type=passed.get("content-type"))
+        await app(inner, inner_receive, inner_send)

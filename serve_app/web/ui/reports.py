@@ -91,4 +91,4 @@ async def histogram(
 ) -> Response:
     """The API's PNG of the report's histogram, relayed with its ETag (304 when the browser has it)."""
     passed = {"if-none-match": request.headers["if-none-match"]} if "if-none-match" in request.headers else {}
-    return await page.relay(f"/api/reid/threshold-report/{report_id}/histogram.png", headers=passed)
+    return page.relay(f"/api/reid/threshold-report/{report_id}/histogram.png", headers=passed)

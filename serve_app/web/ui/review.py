@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from serve_app.web.ui.pages import Page, PageDep, PageError, checked_form, field_errors, see_other
+from serve_app.web.ui.pages import Page, PageDep, PageError, checked_form, field_errors, see_other, whole_number
 
 router = APIRouter()
 
@@ -33,20 +33,21 @@ def _day_bound(value: str | None, *, end: bool) -> str | None:
         return None
     try:
         day = dt.date.fromisoformat(value)
-    except ValueError:
-        return value  # not a date: the API says why
-    return f"{day + dt.timedelta(days=1) if end else day}T00:00:00Z"
+        return f"{day + dt.timedelta(days=1) if end else day}T00:00:00Z"
+    except (ValueError, OverflowError):
+        return value  # not a date, or the last one there is: the API says why
 
 
 def _api_params(filters: dict[str, str], *, pos: int) -> dict[str, Any]:
-    params: dict[str, Any] = {**filters, "limit": 1, "offset": pos, "k": CANDIDATES}
+    # The page's default order is the most informative first (the API's is oldest first).
+    params: dict[str, Any] = {"order": "informative", **filters, "limit": 1, "offset": pos, "k": CANDIDATES}
     params["since"] = _day_bound(filters.get("since"), end=False)
     params["until"] = _day_bound(filters.get("until"), end=True)
     return params
 
 
 def _position(raw: str | None) -> int:
-    return int(raw) if raw and raw.isdigit() else 0
+    return whole_number(raw, digits=7) or 0
 
 
 @router.get("/review", response_class=HTMLResponse)
@@ -101,8 +102,9 @@ async def decide(detection_id: int, request: Request, page: Page = PageDep) -> R
     action = str(form.get("action") or "")
     note = str(form.get("note") or "").strip() or None
     body: dict[str, Any]
-    if action.startswith("accept:") and action[7:].isdigit():
-        body = {"deer_id": int(action[7:])}
+    chosen = whole_number(action[7:]) if action.startswith("accept:") else None
+    if chosen:
+        body = {"deer_id": chosen}
     elif action == "new":
         name = str(form.get("new_name") or "").strip()
         if not name:

@@ -18,11 +18,13 @@ from serve_app.web.ui.pages import (
     PageError,
     SignInRequired,
     checked_form,
+    cross_site,
     safe_next,
+    secure_cookies,
     see_other,
     sessions,
 )
-from serve_app.web.ui.session import COOKIE_NAME
+from serve_app.web.ui.session import COOKIE_NAME, LOGIN_COOKIE_NAME, LOGIN_TOKEN_TTL_S, new_browser_nonce
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -30,12 +32,26 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 def _sign_in_form(
     request: Request, *, next_path: str, error: str | None = None, status_code: int = 200
 ) -> HTMLResponse:
-    return TEMPLATES.TemplateResponse(
+    """The form, its token bound to a fresh sign-in cookie (a form posted from another site has no cookie)."""
+    held = request.cookies.get(LOGIN_COOKIE_NAME, "")
+    # The browser's nonce is kept while it is one of ours in shape, so two open sign-in forms both work.
+    nonce = (
+        held
+        if 16 <= len(held) <= 64 and held.isascii() and held.replace("-", "").replace("_", "").isalnum()
+        else (new_browser_nonce())
+    )
+    response = TEMPLATES.TemplateResponse(
         request,
         "login.html",
-        {"login_token": sessions(request).login_token(), "next": next_path, "error": error},
+        {"login_token": sessions(request).login_token(nonce), "next": next_path, "error": error},
         status_code=status_code,
     )
+    response.set_cookie(
+        LOGIN_COOKIE_NAME, nonce, max_age=LOGIN_TOKEN_TTL_S, path="/ui/login", httponly=True, samesite="strict",
+        secure=secure_cookies(request),
+    )  # fmt: skip
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @router.get("", include_in_schema=False)
@@ -60,7 +76,7 @@ async def login(
     """Verify the key exactly as the API does; on success the session cookie, then the page asked for."""
     store = sessions(request)
     target = safe_next(next)
-    if not store.login_token_valid(login_token):
+    if cross_site(request) or not store.login_token_valid(login_token, request.cookies.get(LOGIN_COOKIE_NAME)):
         return _sign_in_form(
             request, next_path=target, error="The form expired: please sign in again.", status_code=403
         )
@@ -79,8 +95,9 @@ async def login(
         path="/",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=secure_cookies(request),
     )
+    response.delete_cookie(LOGIN_COOKIE_NAME, path="/ui/login", httponly=True, samesite="strict")
     return response
 
 
@@ -98,7 +115,7 @@ async def logout(request: Request, page: Page = PageDep) -> Response:
 async def crop(detection_id: int, request: Request, page: Page = PageDep) -> Response:
     """The API's crop of the detection, relayed with its ETag (304 when the browser has it)."""
     passed = {"if-none-match": request.headers["if-none-match"]} if "if-none-match" in request.headers else {}
-    return await page.relay(f"/api/detections/{detection_id}/crop", headers=passed)
+    return page.relay(f"/api/detections/{detection_id}/crop", headers=passed)
 
 
 router.include_router(review.router)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 COOKIE_NAME = "trailcam_ui"
+LOGIN_COOKIE_NAME = "trailcam_ui_login"
 SESSION_PREFIX = "trailcam:ui:session:"
 LOGIN_TOKEN_TTL_S = 3600
 EXPORTS_KEPT = 50
@@ -64,19 +65,22 @@ class Sessions:
         if not cookie or "." not in cookie:
             return None
         session_id, _, mac = cookie.partition(".")
-        return session_id if hmac.compare_digest(mac, self._mac("session", session_id)) else None
+        return session_id if _same(mac, self._mac("session", session_id)) else None
 
-    def login_token(self, now: float | None = None) -> str:
-        """The token the sign-in form carries (there is no session yet to hold one)."""
+    def login_token(self, browser_nonce: str, now: float | None = None) -> str:
+        """The token the sign-in form carries (there is no session yet to hold one): bound to the nonce in the
+        browser's sign-in cookie, so a form posted from another site (which has no such cookie) is refused."""
         stamp = str(int(now if now is not None else time.time()))
-        return f"{stamp}.{self._mac('login', stamp)}"
+        return f"{stamp}.{self._mac('login', f'{browser_nonce}.{stamp}')}"
 
-    def login_token_valid(self, token: str | None, now: float | None = None) -> bool:
-        """True for a token this app issued within the last hour."""
-        if not token or "." not in token:
+    def login_token_valid(self, token: str | None, browser_nonce: str | None, now: float | None = None) -> bool:
+        """True for a token this app issued within the last hour to the browser holding ``browser_nonce``."""
+        if not token or not browser_nonce or "." not in token:
             return False
         stamp, _, mac = token.partition(".")
-        if not stamp.isdigit() or not hmac.compare_digest(mac, self._mac("login", stamp)):
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+            return False
+        if not _same(mac, self._mac("login", f"{browser_nonce}.{stamp}")):
             return False
         return 0 <= (now if now is not None else time.time()) - int(stamp) <= LOGIN_TOKEN_TTL_S
 
@@ -86,8 +90,10 @@ class Sessions:
         nonce = os.urandom(12)
         sealed = _b64(nonce + self._seal.encrypt(nonce, api_key.encode(), session_id.encode()))
         key = SESSION_PREFIX + session_id
-        await self._redis.hset(key, mapping={"key": sealed, "csrf": csrf, "created": str(int(time.time()))})
-        await self._redis.expire(key, self.ttl_s)
+        async with self._redis.pipeline(transaction=True) as pipe:  # never a record without its expiry
+            pipe.hset(key, mapping={"key": sealed, "csrf": csrf, "created": str(int(time.time()))})
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
         return Session(session_id, api_key, csrf)
 
     async def load(self, cookie: str | None) -> Session | None:
@@ -128,7 +134,17 @@ class Sessions:
 
     def csrf_valid(self, session: Session, token: str | None) -> bool:
         """True when a form's token is its session's."""
-        return bool(token) and hmac.compare_digest(str(token), session.csrf)
+        return bool(token) and _same(str(token), session.csrf)
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of a value from the browser (any text) with one this app made."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+def new_browser_nonce() -> str:
+    """The value of the sign-in cookie a login token is bound to."""
+    return secrets.token_urlsafe(16)
 
 
 def _text(value: bytes | str) -> str:

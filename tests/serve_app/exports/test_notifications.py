@@ -590,8 +590,9 @@ def _smtp_config(port: int, **overrides: Any) -> NotifyConfig:
     return dataclasses.replace(base, attempts=3, backoff_s=0.05, timeout_s=5.0, **overrides)
 
 
-def _email_record(redis_url: str, config: NotifyConfig) -> dict[str, Any]:
-    """Deliver the e-mail of a freshly completed job straight through ``deliver``; returns its record."""
+def _email_record(redis_url: str, config: NotifyConfig, *, notify: dict[str, str] | None = None) -> dict[str, Any]:
+    """Deliver the e-mail (or ``notify``) of a freshly completed job straight through ``deliver``; returns its
+    record."""
     params = {"start_date": "2024-01-01", "end_date": "2024-02-01", "group_by": "day", "format": "csv"}
 
     async def scenario() -> dict[str, Any]:
@@ -600,7 +601,7 @@ def _email_record(redis_url: str, config: NotifyConfig) -> dict[str, Any]:
         try:
             store = JobStore(client, status_ttl_s=60, start_grace_s=30)
             _, job = await store.create(
-                owner=1, params=params, file_uri_for=lambda j: f"/tmp/{j}.csv", notify={"email": ADDRESS}
+                owner=1, params=params, file_uri_for=lambda j: f"/tmp/{j}.csv", notify=notify or {"email": ADDRESS}
             )
             assert job is not None
             assert RunnerLease(sync, job.id, lease_s=5).finish("completed", download_url="/x", rows=2)
@@ -643,6 +644,19 @@ def test_smtp_login_and_starttls_follow_the_settings(redis_url: str, redis_clien
     assert refused["error"].startswith("SMTP 535") and "wrong" not in refused["error"]
     assert (no_tls["state"], no_tls["attempts"]) == ("failed", 1)
     assert "STARTTLS" in no_tls["error"]
+
+
+def test_a_webhook_to_a_private_address_is_refused_unless_allowed(redis_url: str, redis_client: redis.Redis) -> None:
+    receiver = Receiver(secret=SECRET)
+    with receiving(receiver) as url:
+        config = dataclasses.replace(_smtp_config(1), private_targets=False)
+        refused = _email_record(redis_url, config, notify={"webhook": url})
+        assert (refused["state"], refused["attempts"]) == ("failed", 1)  # not tried again
+        assert refused["error"].startswith("refused: 127.0.0.1 is not a public address")
+        assert receiver.deliveries == []
+        allowed = _email_record(redis_url, dataclasses.replace(config, private_targets=True), notify={"webhook": url})
+        assert (allowed["state"], allowed["attempts"]) == ("sent", 1)
+        assert len(receiver.deliveries) == 1 and receiver.deliveries[0].verified
 
 
 def test_the_delivery_budget_is_every_try_plus_every_wait() -> None:
