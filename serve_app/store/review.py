@@ -38,9 +38,7 @@ LEFT JOIN LATERAL (
     LIMIT 1
 ) top ON true
 """
-REVIEW_SQL = (
-    ITEM_SQL
-    + """
+QUEUE_WHERE = """
 WHERE d.decision = 'review' AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(%(sites)s))
   AND (%(site_id)s::bigint IS NULL OR c.site_id = %(site_id)s)
   AND (%(camera_id)s::bigint IS NULL OR c.id = %(camera_id)s)
@@ -48,22 +46,22 @@ WHERE d.decision = 'review' AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(
   AND (%(until)s::timestamptz IS NULL OR i.captured_at < %(until)s)
   AND (%(min_similarity)s::float8 IS NULL OR d.top1_similarity >= %(min_similarity)s)
   AND (%(max_similarity)s::float8 IS NULL OR d.top1_similarity <= %(max_similarity)s)
+"""
+REVIEW_SQL = (
+    ITEM_SQL
+    + QUEUE_WHERE
+    + """
 ORDER BY CASE WHEN %(order)s = 'informative' THEN abs(d.top1_similarity - top.threshold) END NULLS LAST,
          d.created_at, d.id
 LIMIT %(limit)s OFFSET %(offset)s
 """
 )
-REVIEW_COUNT_SQL = """
+REVIEW_COUNT_SQL = (
+    """
 SELECT count(*) AS n
-FROM detections d JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id
-WHERE d.decision = 'review' AND (%(sites)s::bigint[] IS NULL OR c.site_id = ANY(%(sites)s))
-  AND (%(site_id)s::bigint IS NULL OR c.site_id = %(site_id)s)
-  AND (%(camera_id)s::bigint IS NULL OR c.id = %(camera_id)s)
-  AND (%(since)s::timestamptz IS NULL OR i.captured_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR i.captured_at < %(until)s)
-  AND (%(min_similarity)s::float8 IS NULL OR d.top1_similarity >= %(min_similarity)s)
-  AND (%(max_similarity)s::float8 IS NULL OR d.top1_similarity <= %(max_similarity)s)
-"""
+FROM detections d JOIN images i ON i.id = d.image_id JOIN cameras c ON c.id = i.camera_id"""
+    + QUEUE_WHERE
+)
 ONE_ITEM_SQL = (
     ITEM_SQL
     + """

@@ -3,8 +3,11 @@ for review with scored candidates, a second site, and keys for each; plus signin
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from tests import factories
 from tests.helpers import write_jpeg
 
 MODEL = "resnet18-0123456789ab-64"
+Scenario = Callable[[httpx.AsyncClient], Coroutine[Any, Any, None]]
 ACCEPT = 0.75
 
 
@@ -78,6 +82,32 @@ def review_scenario(db: psycopg.Connection[Any], image_root: Path, *, items: int
         queue=[d for _, d in sorted(queue)],
         other_detection=other_detection,
     )
+
+
+@asynccontextmanager
+async def ui_client(settings: dict[str, Any], *, export_queue: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The app the ingress builds (no Ray: ``export_queue`` stands in for the Ray one), inside its lifespan,
+    and an httpx client on it."""
+    from serve_app.ingress import create_app
+
+    app = create_app(settings, export_queue=export_queue)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
+            yield client
+
+
+def runner(settings: dict[str, Any], *, export_queue: Any) -> Callable[[Scenario], None]:
+    """Runs a scenario (an async function of the client) against a fresh app of ``settings``."""
+
+    def go(body: Scenario) -> None:
+        async def main() -> None:
+            async with ui_client(settings, export_queue=export_queue) as client:
+                await body(client)
+
+        asyncio.run(main())
+
+    return go
 
 
 def hidden(html: str, name: str) -> str:

@@ -4,12 +4,10 @@ route of the API those pages show."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import io
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ from tests import factories
 from tests.batch.model_cards import card_for, fake_weights, version_of
 from tests.fixtures.ray_cluster import app_settings
 from tests.helpers import auth, write_jpeg
+from tests.web.scenario import Scenario, hidden, runner, sign_in
 
-Scenario = Callable[[httpx.AsyncClient], Coroutine[Any, Any, None]]
 MODEL = "resnet18-0123456789ab-64"
 PAGE_LIMIT_BYTES = 30_000
 
@@ -114,49 +112,9 @@ def herd(db: psycopg.Connection[Any], tmp_path: Path) -> Herd:
     )
 
 
-@asynccontextmanager
-async def ui_client(settings: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
-    from serve_app.ingress import create_app
-
-    app = create_app(settings, export_queue=NoExports())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
-            yield client
-
-
 @pytest.fixture
 def run(database_url: str, redis_url: str, tmp_path: Path) -> Callable[[Scenario], None]:
-    settings = app_settings(database_url, redis_url, tmp_path)
-
-    def go(body: Scenario) -> None:
-        async def main() -> None:
-            async with ui_client(settings) as client:
-                await body(client)
-
-        asyncio.run(main())
-
-    return go
-
-
-def hidden(html: str, name: str) -> str:
-    """The value of a page's hidden input ``name``."""
-    match = re.search(rf'name="{name}" value="([^"]*)"', html)
-    assert match, f"no hidden {name} in the page"
-    return match.group(1)
-
-
-async def sign_in(client: httpx.AsyncClient, key: str) -> str:
-    """Sign in through the form (the cookie stays in the client); the session's CSRF token from a page."""
-    form = await client.get("/ui/login")
-    done = await client.post(
-        "/ui/login", data={"api_key": key, "login_token": hidden(form.text, "login_token"), "next": "/ui/deer"}
-    )
-    assert done.status_code == 303 and done.headers["location"] == "/ui/deer", done.text
-    assert "trailcam_ui=" in done.headers["set-cookie"]
-    page = await client.get("/ui/deer")
-    assert page.status_code == 200, page.text
-    return hidden(page.text, "csrf")
+    return runner(app_settings(database_url, redis_url, tmp_path), export_queue=NoExports())
 
 
 def light(page: httpx.Response) -> httpx.Response:

@@ -4,10 +4,8 @@ drives the same pages in Chromium on Serve)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +19,7 @@ from tests.fixtures.ray_cluster import app_settings
 from tests.helpers import auth
 from tests.serve_app.test_ingress_without_ray import ThreadQueue
 from tests.waiting import wait_until_async
-from tests.web.scenario import ReviewScenario, hidden, review_scenario, sign_in
-
-Scenario = Callable[[httpx.AsyncClient], Coroutine[Any, Any, None]]
-
-
-@asynccontextmanager
-async def ui_client(settings: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
-    from serve_app.ingress import create_app
-
-    app = create_app(settings, export_queue=ThreadQueue(Settings(**settings)))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
-            yield client
+from tests.web.scenario import ReviewScenario, Scenario, hidden, review_scenario, runner, sign_in
 
 
 @pytest.fixture
@@ -49,14 +34,7 @@ def scenario(db: psycopg.Connection[Any], tmp_path: Path) -> ReviewScenario:
 
 @pytest.fixture
 def run(settings: dict[str, Any]) -> Callable[[Scenario], None]:
-    def go(body: Scenario) -> None:
-        async def main() -> None:
-            async with ui_client(settings) as client:
-                await body(client)
-
-        asyncio.run(main())
-
-    return go
+    return runner(settings, export_queue=ThreadQueue(Settings(**settings)))
 
 
 def test_pages_need_a_sign_in_and_a_valid_key(scenario: ReviewScenario, run: Callable[[Scenario], None]) -> None:
@@ -276,11 +254,7 @@ def test_every_ui_route_needs_a_session_and_hides_another_sites_ids(
         row = db.execute("SELECT name, merged_into FROM deer WHERE id = %s", (other_deer["id"],)).fetchone()
         assert row is not None and row["merged_into"] is None and row["name"] != "x"
 
-    async def main() -> None:
-        async with ui_client(settings) as client:
-            await body(client)
-
-    asyncio.run(main())
+    runner(settings, export_queue=ThreadQueue(Settings(**settings)))(body)
 
 
 def test_odd_input_is_a_clear_refusal_never_a_500(scenario: ReviewScenario, run: Callable[[Scenario], None]) -> None:
