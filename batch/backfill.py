@@ -170,6 +170,19 @@ def plan(
     )
 
 
+def require_gpus(options: BackfillOptions) -> None:
+    """``--decode gpu`` needs GPUs for the embedding actors: refuse it (ValueError) on a cluster without any,
+    before a row is written."""
+    if options.decode != "gpu":
+        return
+    ensure_ray()
+    if not ray.cluster_resources().get("GPU", 0):  # type: ignore[no-untyped-call]
+        raise ValueError(
+            "--decode gpu decodes the images on the embedding actors' GPUs (nvJPEG), and this Ray cluster has no"
+            " GPU: use --decode exact or draft, or run on a cluster with GPU workers; nothing was written"
+        )
+
+
 def hold(conn: SyncConn, run_id: uuid.UUID) -> None:
     """Take the run's lock for this driver's session before anything is read, or refuse (RunLocked)."""
     if not runs.try_lock_run(conn, run_id):
@@ -220,6 +233,8 @@ def execute(
     """Claim the run, score its ranges and record how it ended (a dry run only computes); ``conn`` is the one
     the plan was read on (for a resume, the one holding the run's lock)."""
     run_id = plan.run_id
+    if plan.ranges:
+        require_gpus(plan.options)
     if run_id is not None:
         claim(conn, plan, run_id)
     if plan.options.spec.random_weights:
@@ -306,7 +321,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7, help="seed of random weights")
     parser.add_argument("--input-size-px", type=int, default=128, help="the served model's (serve_config.yaml: 128)")
     parser.add_argument("--mode", choices=["missing", "all"], default="missing")
-    parser.add_argument("--decode", choices=["exact", "draft"], default="exact", help="draft: faster JPEG decode")
+    parser.add_argument(
+        "--decode",
+        choices=["exact", "draft", "gpu"],
+        default="exact",
+        help="draft: faster JPEG decode on the CPUs; gpu: the embedding actors decode and crop on their GPU (nvJPEG)",
+    )
     parser.add_argument("--accept-threshold", type=float, default=BackfillOptions.accept_threshold)
     parser.add_argument("--review-threshold", type=float)
     parser.add_argument("--store-embeddings", action="store_true", help="also store embeddings on the detections")

@@ -3,6 +3,8 @@
 id ranges -> read detections (one SQL query per range, CPU tasks) -> decode + crop (CPU tasks)
 -> embed + match against the site galleries (actor pool: one GPU per actor on GPU nodes)
 -> :class:`ScoreSink` (binary COPY, one transaction per block). Nothing passes through the driver.
+With ``decode="gpu"`` the CPU tasks only read the files and the actors decode and crop on their GPU
+(:mod:`batch.device_crops`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from batch.crops import UnreadableImage, image_path, load_crop
+from batch.device_crops import device_crops
 from batch.galleries import load_galleries
 from batch.results import Scored, from_table, to_table
 from batch.runs import READ_SQL, BackfillOptions, Selection
@@ -73,6 +76,22 @@ def decode_crops(batch: Any, *, image_root: str, size_px: int, draft: bool) -> d
     return {"detection_id": batch["detection_id"], "site_id": batch["site_id"], "crop": crops, "error": errors}
 
 
+def read_files(batch: Any, *, image_root: str) -> pa.Table:
+    """The image files' bytes of a batch of detections, for actors that decode them (``decode="gpu"``)."""
+    root = Path(image_root)
+    n = len(batch["detection_id"])
+    blobs, errors = [b""] * n, [""] * n
+    for i in range(n):
+        uri = str(batch["uri"][i])
+        try:
+            blobs[i] = image_path(uri, root=root).read_bytes()
+        except OSError as exc:  # UnreadableImage (refused URI) included
+            errors[i] = str(exc) if isinstance(exc, UnreadableImage) else f"cannot read {Path(uri).name}: {exc}"
+            logger.warning("detection %d not scored: %s", int(batch["detection_id"][i]), errors[i])
+    columns = {k: batch[k] for k in ("detection_id", "site_id", "uri", "bbox_x", "bbox_y", "bbox_w", "bbox_h")}
+    return pa.table({**columns, "data": pa.array(blobs, type=pa.binary()), "error": pa.array(errors, pa.string())})
+
+
 class EmbedAndMatch:
     """Actor: the model and the site galleries on one device; crops in, similarities per profile out."""
 
@@ -88,21 +107,44 @@ class EmbedAndMatch:
             dsn, sites, embedder=self.embedder, image_root=Path(image_root), store=store
         )
 
-    def _inputs(self, crops: np.ndarray) -> torch.Tensor:
-        if self.embedder.device.type == "cuda":
-            # Normalize on the GPU: ship uint8, the same arithmetic as to_batch on the device.
-            batch = torch.from_numpy(crops).to(self.embedder.device, non_blocking=True)
+    def _inputs(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor) or self.embedder.device.type == "cuda":
+            # Normalize on the device (ship uint8 to a GPU): the same arithmetic as to_batch, there.
+            batch = torch.as_tensor(crops).to(self.embedder.device, non_blocking=True)
             batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
             mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
             return batch.sub_(mean).div_(std)
         return self.embedder.preprocess([Image.fromarray(c) for c in crops])
 
+    def _decode(self, batch: dict[str, np.ndarray], errors: list[str]) -> torch.Tensor:
+        """Crops of the files a batch carries, decoded on the embedder's device; fills in their errors."""
+        readable = [i for i, e in enumerate(errors) if not e]
+        bboxes: list[BBox] = []
+        for i in list(readable):
+            try:
+                bboxes.append(BBox(*(float(batch[k][i]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))))
+            except ValueError as exc:
+                errors[i] = str(exc)
+                readable.remove(i)
+        uris = [str(batch["uri"][i]) for i in readable]
+        crops, failed = device_crops(uris, [bytes(batch["data"][i]) for i in readable], bboxes,
+                                     size_px=self.options.input_size_px, device=self.embedder.device)  # fmt: skip
+        out = torch.zeros((len(errors), *crops.shape[1:]), dtype=torch.uint8, device=crops.device)
+        out[torch.as_tensor(readable, dtype=torch.long, device=crops.device)] = crops
+        for i, error in zip(readable, failed, strict=True):
+            if error:
+                errors[i] = error
+                logger.warning("detection %d not scored: %s", int(batch["detection_id"][i]), error)
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Embed the readable crops of a batch and score them against their site's gallery."""
         errors = [str(e) for e in batch["error"]]
+        crops = batch["crop"] if "crop" in batch else self._decode(batch, errors)
         ok = np.flatnonzero([not e for e in errors])
-        vectors = self.embedder.embed_tensor(self._inputs(batch["crop"][ok])) if len(ok) else np.zeros((0, 1))
+        chosen = crops[ok] if isinstance(crops, np.ndarray) else crops[torch.as_tensor(ok, device=crops.device)]
+        vectors = self.embedder.embed_tensor(self._inputs(chosen)) if len(ok) else np.zeros((0, 1))
         sites = batch["site_id"][ok]
         sims: dict[int, np.ndarray] = {}
         for site in np.unique(sites).tolist():
@@ -228,9 +270,14 @@ def build_dataset(
     ds: Dataset = ray.data.from_items(items, override_num_blocks=max(1, len(ranges)))
     read = functools.partial(read_ranges, dsn=dsn, selection=selection)
     ds = ds.map_batches(read, batch_size=1, num_cpus=DECODE_CPUS)
-    decode = functools.partial(decode_crops, image_root=str(image_root), size_px=size, draft=options.decode == "draft")
-    # Other CPU figures than the actor's keep Ray Data from fusing decoding into the embedding actor.
-    ds = ds.map_batches(decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
+    if options.decode == "gpu":
+        read_bytes = functools.partial(read_files, image_root=str(image_root))
+        ds = ds.map_batches(read_bytes, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
+    else:
+        decode = functools.partial(decode_crops, image_root=str(image_root), size_px=size,
+                                   draft=options.decode == "draft")  # fmt: skip
+        # Other CPU figures than the actor's keep Ray Data from fusing decoding into the embedding actor.
+        ds = ds.map_batches(decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
     pool = actors or max(1, gpus)
     resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     return ds.map_batches(

@@ -20,7 +20,7 @@ from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
 from serve_app.reid.embedder import ModelSpec
 
 Mode = Literal["missing", "all"]
-Decode = Literal["exact", "draft"]
+Decode = Literal["exact", "draft", "gpu"]
 MAX_ID = 2**63 - 1
 
 

@@ -8,6 +8,10 @@
    one writer for comparison) vs row-by-row INSERT, ms per detection and rows/s (target <= 0.5 ms per
    detection), and what logging costs the identification itself: building the rows and queueing them in
    the ScoreBuffer (the COPY runs behind it, off the request path).
+
+``--config serve_config.gpu.yaml`` deploys that config's ingress and ReID args (model, batching, ``num_gpus``)
+instead, and the raw passes run its model at its batch size (on CUDA when there is one); ``--clients`` sets
+the load's concurrency; ``--no-score-log`` skips part 2. benchmarks/gpu_check.sh runs it that way.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import datetime as dt
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import psycopg
+import yaml
 from PIL import Image
 
 from benchmarks.common import bench_settings, fetch_value, prepare_database, serve_app, write_results
@@ -84,10 +90,26 @@ def seed_site(dsn: str, uris: list[str], *, profiles: int) -> tuple[int, int]:
         return int(site), int(cam)
 
 
+def failure_kind(resp: httpx.Response) -> str:
+    """A failed answer's status and problem title, to count failures by kind."""
+    try:
+        title = resp.json().get("title", "")
+    except ValueError:
+        title = resp.text[:80]
+    return f"{resp.status_code} {title}".strip()
+
+
 async def drive(
-    url: str, key: str, bodies: list[dict[str, Any]], *, clients: int, duration_s: float
+    url: str,
+    key: str,
+    bodies: list[dict[str, Any]],
+    *,
+    clients: int,
+    duration_s: float,
+    failures: Counter[str] | None = None,
 ) -> tuple[int, int]:
-    """``clients`` concurrent loops posting detections for ``duration_s``; returns (ok, failed)."""
+    """``clients`` concurrent loops posting detections for ``duration_s``; returns (ok, failed) and counts each
+    failure's kind in ``failures``."""
     ok = failed = 0
     deadline = time.monotonic() + duration_s
     async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
@@ -97,16 +119,49 @@ async def drive(
             i = offset
             while time.monotonic() < deadline:
                 resp = await client.post(url + "/api/detections", json=bodies[i % len(bodies)])
-                ok, failed = (ok + 1, failed) if resp.status_code == 201 else (ok, failed + 1)
+                if resp.status_code == 201:
+                    ok += 1
+                else:
+                    failed += 1
+                    if failures is not None:
+                        failures[failure_kind(resp)] += 1
                 i += clients
 
         await asyncio.gather(*(worker(c) for c in range(clients)))
     return ok, failed
 
 
+def bench_app_args(settings: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's own app: serve_config.yaml's model on one replica with the raw case's torch threads."""
+    reid = {
+        "max_batch_size": BATCH,
+        "max_ongoing_requests": 2 * BATCH,
+        "batch_wait_timeout_s": 0.1,
+        "num_replicas": 1,
+        "torch_threads": TORCH_THREADS,
+        **MODEL,
+    }
+    return {"settings": settings, "reid": reid}
+
+
+def config_app_args(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """A Serve config file's application args (ingress and ReID as deployed), pointed at the benchmark's services."""
+    (application,) = yaml.safe_load(path.read_text())["applications"]
+    return {**application["args"], "settings": settings}
+
+
 def serve_and_raw(
-    settings: dict[str, Any], key: str, uris: list[str], *, duration_s: float, raw_iterations: int, rounds: int
-) -> list[dict[str, float]]:
+    settings: dict[str, Any],
+    key: str,
+    uris: list[str],
+    *,
+    app_args: dict[str, Any],
+    clients: int,
+    warmup_s: float,
+    duration_s: float,
+    raw_iterations: int,
+    rounds: int,
+) -> list[dict[str, Any]]:
     """Serve and raw forward passes measured in alternating rounds while the application is up.
 
     Interleaving pairs each Serve window with a raw measurement taken under the same machine
@@ -114,6 +169,12 @@ def serve_and_raw(
     per round and summarised by its median.
     """
     _site, cam = seed_site(settings["database_url"], uris, profiles=10)
+    with connect(settings["database_url"], autocommit=True) as conn:
+        # An earlier run recorded these frames under its own camera, and a recorded image named with another
+        # camera is refused (409): this run's camera takes them over.
+        conn.execute(
+            "UPDATE images SET camera_id = %s, captured_at = '2024-05-01T06:30:00Z' WHERE uri = ANY(%s)", (cam, uris)
+        )
     bodies = [
         {
             "image_uri": u,
@@ -123,31 +184,24 @@ def serve_and_raw(
         }
         for u in uris
     ]
-    args = {
-        "settings": settings,
-        "reid": {
-            "max_batch_size": BATCH,
-            "max_ongoing_requests": 2 * BATCH,
-            "batch_wait_timeout_s": 0.1,
-            "num_replicas": 1,
-            "torch_threads": TORCH_THREADS,
-            **MODEL,
-        },
-    }
-    embedder = Embedder(ModelSpec(MODEL_ARCH, MODEL_WEIGHTS, input_size_px=MODEL_PX))
-    batch = embedder.dummy_batch(BATCH).normal_()
+    reid = app_args["reid"]
+    size = int(reid.get("max_batch_size", BATCH))
+    embedder = Embedder(ModelSpec(reid["architecture"], reid["weights"], input_size_px=reid["input_size_px"]))
+    batch = embedder.dummy_batch(size).normal_()
     embedder.embed_tensor(batch)
     out = []
-    with serve_app(args) as url:
-        asyncio.run(drive(url, key, bodies, clients=CLIENTS, duration_s=20.0))  # warm-up: gallery, batches
+    with serve_app(app_args) as url:
+        asyncio.run(drive(url, key, bodies, clients=clients, duration_s=warmup_s))  # warm-up: gallery, batches
         for _ in range(rounds):
             start = time.monotonic()
             for _ in range(raw_iterations):
                 embedder.embed_tensor(batch)
-            raw_rate = raw_iterations * BATCH / (time.monotonic() - start)
+            raw_rate = raw_iterations * size / (time.monotonic() - start)
             start = time.monotonic()
-            ok, failed = asyncio.run(drive(url, key, bodies, clients=CLIENTS, duration_s=duration_s))
-            out.append({"serve": ok / (time.monotonic() - start), "raw": raw_rate, "failed": float(failed)})
+            kinds: Counter[str] = Counter()
+            ok, failed = asyncio.run(drive(url, key, bodies, clients=clients, duration_s=duration_s, failures=kinds))
+            rate = ok / (time.monotonic() - start)
+            out.append({"serve": rate, "raw": raw_rate, "failed": float(failed), "failures": dict(kinds)})
     return out
 
 
@@ -315,38 +369,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--score-log-only", action="store_true", help="only the score log cases (results in reid_score_log.json)"
     )
+    parser.add_argument("--no-score-log", action="store_true", help="skip the score log cases")
+    parser.add_argument("--config", type=Path, help="deploy this Serve config's ingress and ReID args (its model)")
+    parser.add_argument("--clients", type=int, default=CLIENTS, help="concurrent clients of the Serve load")
+    parser.add_argument("--warmup-s", type=float, default=20.0, help="Serve load before the measured rounds")
+    parser.add_argument("--results-name", default="reid", help="benchmarks/results/<name>.json")
     args = parser.parse_args(argv)
     settings = bench_settings()
     key = prepare_database(settings)
     uris = synthetic_frames(Path(settings["image_root"]), 200)
     started = dt.datetime.now(dt.UTC)
-    score_rows_out = score_case(
-        settings["database_url"],
-        uris,
-        detections=args.score_detections,
-        insert_detections=args.insert_detections,
-        table_rows=args.score_table_rows,
-    )
+    score_rows_out = []
+    if not args.no_score_log:
+        score_rows_out = score_case(
+            settings["database_url"],
+            uris,
+            detections=args.score_detections,
+            insert_detections=args.insert_detections,
+            table_rows=args.score_table_rows,
+        )
     if args.score_log_only:
         write_results("reid_score_log", score_rows_out, meta={"started_at": started.isoformat()})
         return
+    app_args = config_app_args(args.config, settings) if args.config else bench_app_args(settings)
+    reid = app_args["reid"]
+    model, batch = f"{reid['architecture']}@{reid['input_size_px']}", int(reid.get("max_batch_size", BATCH))
     rounds = serve_and_raw(
-        settings, key, uris, duration_s=args.duration_s, raw_iterations=args.raw_iterations, rounds=args.rounds
-    )
+        settings, key, uris, app_args=app_args, clients=args.clients, warmup_s=args.warmup_s,
+        duration_s=args.duration_s, raw_iterations=args.raw_iterations, rounds=args.rounds,
+    )  # fmt: skip
     serve_rate = statistics.median(r["serve"] for r in rounds)
     raw_rate = statistics.median(r["raw"] for r in rounds)
     ratio = statistics.median(r["serve"] / r["raw"] for r in rounds)
     failed = sum(r["failed"] for r in rounds)
+    kinds = sum((Counter(r["failures"]) for r in rounds), Counter[str]())
     rows: list[dict[str, Any]] = [
         {
-            "case": f"Serve identify, batching, {CLIENTS} clients (median of {len(rounds)} rounds)",
+            "case": f"Serve identify, batching, {args.clients} clients (median of {len(rounds)} rounds)"
+            + (f", {args.config.name}" if args.config else ""),
             "metric": "ids/s",
             "value": serve_rate,
             "unit": "ids/s",
             "target": None,
         },
         {
-            "case": f"raw {MODEL_ARCH}@{MODEL_PX} forward, batch {BATCH} (median; rounds alternate with Serve)",
+            "case": f"raw {model} forward, batch {batch} (median; rounds alternate with Serve)",
             "metric": "imgs/s",
             "value": raw_rate,
             "unit": "imgs/s",
@@ -360,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
             "target": ">= 0.8",
         },
         {
-            "case": "Serve identify failures",
+            "case": "Serve identify failures"
+            + (f" ({', '.join(f'{k}: {n}' for k, n in kinds.most_common(3))})" if kinds else ""),
             "metric": "errors",
             "value": float(failed),
             "unit": "responses",
@@ -368,8 +436,14 @@ def main(argv: list[str] | None = None) -> None:
         },
     ]
     rows += score_rows_out
-    meta = {"started_at": started.isoformat(), "model": f"{MODEL_ARCH}-{MODEL_WEIGHTS}-{MODEL_PX}", "rounds": rounds}
-    write_results("reid", rows, meta=meta)
+    meta = {
+        "started_at": started.isoformat(),
+        "model": f"{reid['architecture']}-{reid['weights']}-{reid['input_size_px']}",
+        "config": str(args.config) if args.config else None,
+        "clients": args.clients,
+        "rounds": rounds,
+    }
+    write_results(args.results_name, rows, meta=meta)
 
 
 if __name__ == "__main__":

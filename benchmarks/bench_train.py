@@ -4,6 +4,11 @@ Both run the project's own training step (``batch.training``: the pretrained bac
 and ArcFace heads, the trail-camera augmentations, AdamW) over the same rendered training set; each is timed
 over its steps after one warm-up step, excluding start-up (Ray Train's worker start, the data load).
 ``--quick`` (or BENCH_QUICK=1): fewer steps at 96 px.
+
+``--gpu`` instead measures ``python -m batch.train --gpu``'s own loop (``batch.train.fit``: one Ray Train worker
+holding one GPU, NCCL, bfloat16 autocast): the samples/s its last epoch reports (validation and checkpoints
+are not timed; the first epoch also pays for CUDA's start-up). ``--fit`` does the same on the CPU (gloo).
+benchmarks/gpu_check.sh runs it that way.
 """
 
 from __future__ import annotations
@@ -89,6 +94,23 @@ def through_ray_train(config: TrainConfig, *, steps: int, threads: int, storage:
         ray.shutdown()
 
 
+def through_train_fit(config: TrainConfig, *, gpu: bool, threads: int, storage: Path) -> dict[str, Any]:
+    """batch.train's own training run (fit) on a local Ray: the last epoch's metrics."""
+    import ray
+
+    from batch.train import fit
+
+    os.environ.update({k: v for k, v in ray_env().items() if k not in os.environ})  # as make run's head has it
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        _state, metrics, _run = fit(
+            config, workers=1, gpu=gpu, storage=storage, name=None, max_failures=0, cpus_per_worker=threads
+        )
+        return metrics
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Render a training set, time both loops, print and write the table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -96,15 +118,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in both loops")
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain / Ray Train rounds")
+    parser.add_argument("--gpu", action="store_true", help="batch.train's own loop on one GPU worker (no plain loop)")
+    parser.add_argument("--fit", action="store_true", help="batch.train's own loop on the CPU (as --gpu, without)")
+    parser.add_argument("--epochs", type=int, default=3, help="--gpu/--fit: epochs (the last one is reported)")
+    parser.add_argument("--individuals", type=int, default=16, help="deer in the rendered training set")
+    parser.add_argument("--per-individual", type=int, default=12, help="crops of each deer")
+    parser.add_argument("--results-name", default="train", help="benchmarks/results/<name>.json")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
     size, steps = (96, 6) if args.quick else (128, 20)
     threads = args.threads
+    if args.gpu or args.fit:
+        fit_main(args, size=size, threads=threads)
+        return
     ratios, plain_rates, ray_rates = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train"
-        render_demo_set(data, seed=5150, individuals=16, per_individual=12)
+        render_demo_set(data, seed=5150, individuals=args.individuals, per_individual=args.per_individual)
         config = TrainConfig(data=str(data), input_size_px=size, batch_size=args.batch_size, val_fraction=0.25)
         # Alternating rounds, the ratio taken per round: a shared 2-core VM drifts by tens of percent
         # within minutes, so each Ray Train figure is paired with a plain one measured just before it.
@@ -125,7 +156,34 @@ def main(argv: list[str] | None = None) -> None:
         {"case": f"Ray Train / plain loop (median of {args.rounds} rounds: {per_round})", "metric": "ratio",
          "value": statistics.median(ratios), "unit": "x", "target": ">= 0.8"},
     ]  # fmt: skip
-    write_results("train", rows, meta={"quick": args.quick, "cpus": threads, "cuda": torch.cuda.is_available()})
+    meta = {"quick": args.quick, "cpus": threads, "cuda": torch.cuda.is_available()}
+    write_results(args.results_name, rows, meta=meta)
+
+
+def fit_main(args: argparse.Namespace, *, size: int, threads: int) -> None:
+    """--gpu / --fit: batch.train's own loop; its last epoch's samples/s."""
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: torch.cuda.is_available() is False here (use --fit for the same loop on the CPU)")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train"
+        render_demo_set(data, seed=5150, individuals=args.individuals, per_individual=args.per_individual)
+        config = TrainConfig(data=str(data), input_size_px=size, batch_size=args.batch_size, val_fraction=0.25,
+                             epochs=args.epochs)  # fmt: skip
+        metrics = through_train_fit(config, gpu=args.gpu, threads=threads, storage=Path(tmp) / "runs")
+    where = "one GPU worker" if args.gpu else f"one CPU worker, {threads} threads"
+    loop = "python -m batch.train --gpu" if args.gpu else "python -m batch.train"
+    case = f"{loop} ({config.architecture} {size}px batch {args.batch_size}, {where})"
+    rows: list[dict[str, Any]] = [
+        {"case": f"{case}, epoch {metrics['epoch']} of {args.epochs}", "metric": "samples/s",
+         "value": float(metrics["samples_per_s"]), "unit": "samples/s"},
+    ]  # fmt: skip
+    meta = {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpus": threads,
+        "samples": args.individuals * args.per_individual,
+        "last_epoch": {k: v for k, v in metrics.items() if k != "validation"},
+    }
+    write_results(args.results_name, rows, meta=meta)
 
 
 if __name__ == "__main__":

@@ -244,3 +244,23 @@ def test_weekly_threshold_change_runs_after_the_analysis_on_the_serving_cluster(
     assert submit == f"ray job submit --address http://{service}-head-svc:8265"
     assert command == "python -m batch.thresholds apply --report latest --actor raycronjob/trailcam-thresholds-weekly"
     assert cron["jobTemplate"]["backoffLimit"] == 0 and cron["jobTemplate"]["shutdownAfterJobFinishes"] is True
+
+
+def test_gcs_fault_tolerance_uses_its_own_redis_and_secret_not_the_export_status_redis() -> None:
+    """A head restart reloads Ray's GCS tables from Redis: that Redis is not the one holding export job status
+    (TRAILCAM_REDIS_URL), neither the same server nor the same Secret, so neither can evict or flush the other."""
+    from urllib.parse import urlsplit
+
+    ft = only("RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    gcs_secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    secrets = {doc["metadata"]["name"]: doc for doc in documents("Secret")}
+    app_secret = next(name for name, doc in secrets.items() if "TRAILCAM_REDIS_URL" in doc.get("stringData", {}))
+    assert gcs_secret["name"] != app_secret
+    assert set(secrets[gcs_secret["name"]]["stringData"]) == {gcs_secret["key"]}, "the GCS secret holds only that"
+    app_redis = urlsplit(secrets[app_secret]["stringData"]["TRAILCAM_REDIS_URL"])
+    gcs_redis = urlsplit(ft["redisAddress"])
+    assert (gcs_redis.hostname, gcs_redis.port) != (app_redis.hostname, app_redis.port)
+    # No Ray container is pointed at a GCS Redis another way (RAY_REDIS_ADDRESS would bypass the options).
+    for template in pod_templates(only("RayService")):
+        for container in template["spec"]["containers"]:
+            assert not {env["name"] for env in container.get("env", [])} & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"}
