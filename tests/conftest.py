@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.browser",
+    "tests.fixtures.multinode",
 ]
 
 

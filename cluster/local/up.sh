@@ -63,6 +63,14 @@ else
     echo "$RAY_TMP" > "$DATA/ray-head.started"
     echo "started a Ray head (GCS 127.0.0.1:$GCS_PORT, temp dir $RAY_TMP)"
 fi
+# TRAILCAM_RAY_WORKER_NODES=N: N worker nodes beside the head, each a Ray node of its own with
+# TRAILCAM_RAY_WORKER_CPUS logical CPUs, the resource worker_node and the label trailcam/group=cpu
+# (docs/operations.md, "More than one Ray node"). Already running ones are kept; `make down` stops them.
+if [ "${TRAILCAM_RAY_WORKER_NODES:-0}" -gt 0 ]; then
+    echo "== ray worker nodes"
+    "$PY" cluster/local/ray_workers.py start --address "127.0.0.1:$GCS_PORT" --count "$TRAILCAM_RAY_WORKER_NODES" \
+        --num-cpus "${TRAILCAM_RAY_WORKER_CPUS:-2}" --temp-root "$DATA/ray-workers" --record "$DATA/ray-workers.started"
+fi
 
 echo "== re-ID model"
 # MobileNetV2 from ImageNet weights, fine-tuned on Ray Train (batch.train) on the training set above. The
