@@ -100,6 +100,7 @@ async def deer_list(request: Request, page: Page = PageDep) -> Response:
 
 
 async def _profile(page: Page, deer_id: int, *, sightings: int = GALLERY_SIGHTINGS) -> dict[str, Any]:
+    """The profile as the API answers it, with its ``sightings`` latest pictures."""
     profile: dict[str, Any] = await page.api_json("GET", f"/api/deer/{deer_id}", params={"sightings": sightings})
     return profile
 

@@ -89,7 +89,7 @@ class Sessions:
         session_id, csrf = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         nonce = os.urandom(12)
         sealed = _b64(nonce + self._seal.encrypt(nonce, api_key.encode(), session_id.encode()))
-        key = SESSION_PREFIX + session_id
+        key = _record_key(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:  # never a record without its expiry
             pipe.hset(key, mapping={"key": sealed, "csrf": csrf, "created": str(int(time.time()))})
             pipe.expire(key, self.ttl_s)
@@ -101,7 +101,7 @@ class Sessions:
         session_id = self.session_id(cookie)
         if session_id is None:
             return None
-        fields = await self._redis.hgetall(SESSION_PREFIX + session_id)
+        fields = await self._redis.hgetall(_record_key(session_id))
         if not fields:
             return None
         try:
@@ -113,11 +113,11 @@ class Sessions:
 
     async def end(self, session_id: str) -> None:
         """Sign out: the record and what it listed go."""
-        await self._redis.delete(SESSION_PREFIX + session_id, SESSION_PREFIX + session_id + ":exports")
+        await self._redis.delete(_record_key(session_id), _exports_key(session_id))
 
     async def remember_export(self, session_id: str, job_id: str) -> None:
         """Add an export job to the session's list (newest first, bounded)."""
-        key = SESSION_PREFIX + session_id + ":exports"
+        key = _exports_key(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, job_id)
             pipe.ltrim(key, 0, EXPORTS_KEPT - 1)
@@ -126,15 +126,25 @@ class Sessions:
 
     async def forget_export(self, session_id: str, job_id: str) -> None:
         """Drop a job the API no longer knows from the session's list."""
-        await self._redis.lrem(SESSION_PREFIX + session_id + ":exports", 0, job_id)
+        await self._redis.lrem(_exports_key(session_id), 0, job_id)
 
     async def exports(self, session_id: str) -> list[str]:
         """The session's export job ids, newest first."""
-        return [_text(v) for v in await self._redis.lrange(SESSION_PREFIX + session_id + ":exports", 0, -1)]
+        return [_text(v) for v in await self._redis.lrange(_exports_key(session_id), 0, -1)]
 
     def csrf_valid(self, session: Session, token: str | None) -> bool:
         """True when a form's token is its session's."""
         return bool(token) and _same(str(token), session.csrf)
+
+
+def _record_key(session_id: str) -> str:
+    """The Redis hash of a session: its sealed key and CSRF token."""
+    return SESSION_PREFIX + session_id
+
+
+def _exports_key(session_id: str) -> str:
+    """The Redis list of the export jobs a session started."""
+    return SESSION_PREFIX + session_id + ":exports"
 
 
 def _same(given: str, expected: str) -> bool:
