@@ -12,6 +12,7 @@ as in draft mode. Files that are not JPEGs, and JPEGs the decoder refuses, are d
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import Sequence
 
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from serve_app.reid.preprocessing import CROP_MAX_SIDE_PX, BBox, crop_box_px
+
+logger = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 DECODE_CHUNK = 64
@@ -69,6 +72,9 @@ def decode_frames(blobs: Sequence[bytes], *, device: torch.device) -> list[torch
     if jpegs:
         for i, frame in zip(jpegs, _decode_jpegs([blobs[i] for i in jpegs], device=device), strict=True):
             frames[i] = frame
+        if refused := sum(frames[i] is None for i in jpegs):
+            # Each is decoded by PIL on the CPU instead: right, but slow if it is every file.
+            logger.warning("the %s JPEG decoder refused %d of %d JPEGs; PIL decodes them", device, refused, len(jpegs))
     return [frame if frame is not None else _decode_pil(blobs[i], device=device) for i, frame in enumerate(frames)]
 
 

@@ -169,7 +169,8 @@ def update_reid(
 
     Returns, once the app is RUNNING again under the new config, the whole Serve config that ran before (what
     ``restore`` deploys back when a later step fails). When the app does not get there within ``timeout_s``,
-    that config is deployed back and ServeControlError raised.
+    that config is deployed back and ServeControlError raised; so it is when the deploy or the wait is
+    interrupted (Ctrl-C) or fails any other way, and that error is raised.
     """
     details = control.details()
     previous = deployed_config(details)
@@ -179,7 +180,7 @@ def update_reid(
     try:
         control.deploy(config)
         wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s, poll_s=poll_s)
-    except ServeControlError:
+    except BaseException:
         restore(control, previous, app=app, timeout_s=timeout_s)
         raise
     return previous
@@ -194,7 +195,7 @@ def restore(
         deployed_at = float(_app(control.details(), app).get("last_deployed_time_s") or 0.0)
         control.deploy(previous_config)
         wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s)
-    except ServeControlError:
+    except Exception:  # the caller raises the error that made it restore
         logger.exception("could not deploy the previous Serve config back")
 
 

@@ -5,6 +5,7 @@ on a Ray cluster without GPUs the option is refused before anything is written. 
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def test_device_crops_equal_the_cpu_paths_crops_within_two_levels(demo: Demo, fr
     assert difference.max() <= 2 and difference.mean() < 0.5
 
 
-def test_a_bad_file_fails_only_its_own_detection_and_other_formats_decode(demo: Demo, fresh: Any) -> None:
+def test_a_bad_file_fails_only_its_own_detection_and_other_formats_decode(
+    demo: Demo, fresh: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     (row,) = detections(fresh, 1)
     jpeg = (demo.image_root / row["uri"]).read_bytes()
     png = io.BytesIO()
@@ -67,7 +70,12 @@ def test_a_bad_file_fails_only_its_own_detection_and_other_formats_decode(demo: 
     bbox = BBox(row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"])
     uris = ["a/ok.jpg", "a/truncated.jpg", "a/ok.png", "a/text.jpg", "a/ok.jpg"]
     blobs = [jpeg, jpeg[: len(jpeg) // 8], png.getvalue(), b"not an image", jpeg]
-    crops, errors = device_crops(uris, blobs, [bbox] * 5, size_px=64, device=CPU)
+    with caplog.at_level(logging.WARNING, logger="batch.device_crops"):
+        crops, errors = device_crops(uris, blobs, [bbox] * 5, size_px=64, device=CPU)
+    # The JPEG decoder's refusals are said, so a device that refuses every file does not pass unnoticed (the
+    # two detections on ok.jpg share one decode).
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["the cpu JPEG decoder refused 1 of 2 JPEGs; PIL decodes them"]
     assert errors[0] == errors[2] == errors[4] == ""
     assert errors[1].startswith("cannot read truncated.jpg: ") and errors[3].startswith("cannot read text.jpg: ")
     assert torch.equal(crops[0], crops[4]) and crops[0].float().mean() > 0

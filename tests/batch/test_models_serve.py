@@ -217,3 +217,40 @@ def test_promote_then_rollback_under_load_fails_no_request_and_attributes_every_
         assert row["n"] == len(body["candidates"]) == DEER, row
         assert row["versions"] == [body["model_version"]], row
         assert [round(t, 4) for t in row["thresholds"]] == [accept[body["model_version"]]], row
+
+
+class CtrlCWhileWaiting(ClientControl):
+    """Serve's controller as promote uses it, with an operator pressing Ctrl-C while the new version starts."""
+
+    def __init__(self) -> None:
+        self.deploys = 0
+        self.interrupted = False
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        super().deploy(config)
+        self.deploys += 1
+
+    def details(self) -> dict[str, Any]:
+        if self.deploys == 1 and not self.interrupted:  # the first look after the new config went out
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().details()
+
+
+def test_a_promote_interrupted_while_it_waits_deploys_the_running_version_back_and_records_nothing(
+    running: Running, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    a = version_of(running.card_a)
+    register(db, running.card_a, active=True, actor="make-run")
+    card_c = card_for(save_model(tmp_path, 3), accept=0.95, review=0.9)
+    c = version_of(card_c)
+    register(db, card_c, actor="test")
+    control = CtrlCWhileWaiting()
+
+    with connect(db.info.dsn, autocommit=True) as conn, pytest.raises(KeyboardInterrupt):
+        promote(conn, c, control=control, actor="alice", app=APP, timeout_s=120)
+
+    assert control.interrupted and control.deploys == 2  # the new config, then the one that ran before
+    assert serving_versions(HandleProbe(APP)) == {a}
+    statuses = {r["version"]: r["status"] for r in db.execute("SELECT version, status FROM model_versions")}
+    assert (statuses[a], statuses[c]) == ("active", "candidate")

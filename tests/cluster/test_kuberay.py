@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.local.ray_workers import WORKER_LABELS, WORKER_RESOURCE
 from tests.cluster.kube_schema import CRD_DIR, crd_schemas, load_documents, needs_crds, validation_errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,6 +198,20 @@ def test_rayservice_has_head_cpu_and_gpu_groups_with_in_tree_autoscaling() -> No
     reid = serve["applications"][0]["args"]["reid"]
     gpus_needed = reid["autoscaling_config"]["max_replicas"] * reid["num_gpus"]
     assert groups["gpu"]["maxReplicas"] * container["resources"]["limits"]["nvidia.com/gpu"] >= gpus_needed
+
+
+def test_every_worker_group_has_the_role_label_and_worker_resource_local_worker_nodes_have() -> None:
+    """Work placed with the label or the resource, as the docs say to keep it off the head, runs on KubeRay too."""
+    (label,) = WORKER_LABELS
+    groups = [group for doc in ray_documents() for c in cluster_specs(doc) for group in c.get("workerGroupSpecs", [])]
+    assert groups
+    for group in groups:
+        assert group.get("labels", {}).get(label) == group["groupName"], group["groupName"]
+        assert float(group.get("resources", {}).get(WORKER_RESOURCE, 0)) >= 1, group["groupName"]
+    for doc in ray_documents():
+        for c in cluster_specs(doc):
+            head = c["headGroupSpec"]
+            assert label not in head.get("labels", {}) and WORKER_RESOURCE not in head.get("resources", {})
 
 
 def test_dsns_and_the_key_pepper_come_from_kubernetes_secrets() -> None:

