@@ -10,9 +10,16 @@ demo generator's own training set). The job runs ``ray.train.torch.TorchTrainer`
 (gloo on CPU, one GPU each with ``--gpu``), ArcFace metric learning on the pretrained backbone with
 trail-camera augmentations, validation on held-out individuals after every epoch (top-1 on known
 individuals, strangers left unassigned, the recommended threshold), and a checkpoint per epoch under
-``--storage``. A worker that dies restarts from the last checkpoint (at most ``--max-failures`` times);
-the same command run again after the whole job was killed resumes from it too (the run's name is
-derived from its configuration; ``--name`` sets it).
+``--storage``. A worker that dies, or the node it ran on, restarts the worker group from the last checkpoint
+(at most ``--max-failures`` times); the same command run again after the whole job was killed resumes from
+it too (the run's name is derived from its configuration; ``--name`` sets it). ``--storage`` must be a path
+every node reads and writes: on one machine any local path, on Kubernetes a volume that the head and every
+worker pod mount (ReadWriteMany).
+
+Workers go where Ray's placement group puts them: ``--placement-strategy PACK`` (the default, Ray Train's)
+fills one node before the next, so the gradients' all-reduce stays within a node when one has room;
+``SPREAD`` puts them on different nodes when there are enough (both are soft: after a node is lost, the
+restarted workers share the nodes that are left if those have the CPUs).
 
 The result is ``<out>/<version>.safetensors`` (backbone + embedding head, see
 ``serve_app.reid.backbones``) with ``<version>.card.json`` and ``<version>.card.md`` beside it: data
@@ -176,6 +183,7 @@ def fit(
     name: str | None,
     max_failures: int,
     cpus_per_worker: float,
+    placement_strategy: str = "PACK",
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Run the trainer; returns the final checkpoint's state, the last epoch's metrics and the run name."""
     import ray.train
@@ -188,7 +196,10 @@ def fit(
         train_loop_config={"config": config.as_json(), "torch_threads": max(1, int(cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+            placement_strategy=placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -351,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the cluster's CPUs (at most this machine's cores) shared among the workers",
     )
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    parser.add_argument(
+        "--placement-strategy",
+        choices=("PACK", "SPREAD"),
+        default="PACK",
+        help="PACK: fill one node first; SPREAD: workers on different nodes when there are enough",
+    )
     parser.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint")
     parser.add_argument(
         "--address",
@@ -393,15 +410,26 @@ def main(argv: list[str] | None = None) -> int:
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         available = min(cluster_cpus, float(os.cpu_count() or 1))
         cpus = max(1.0, available // args.workers)
-    state, metrics, run = fit(
-        config,
-        workers=args.workers,
-        gpu=args.gpu,
-        storage=args.storage,
-        name=name,
-        max_failures=args.max_failures,
-        cpus_per_worker=cpus,
-    )
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    try:
+        state, metrics, run = fit(
+            config,
+            workers=args.workers,
+            gpu=args.gpu,
+            storage=args.storage,
+            name=name,
+            max_failures=args.max_failures,
+            cpus_per_worker=cpus,
+            placement_strategy=args.placement_strategy,
+        )
+    except TrainingFailedError as exc:
+        print(
+            f"{exc}\ntraining run {name} failed (restarts allowed: --max-failures {args.max_failures});"
+            f" its checkpoints stay under {args.storage.resolve() / name}: the same command resumes from the last one",
+            file=sys.stderr,
+        )
+        return 1
     path, card = write_model(config, state, metrics, out=args.out, run=run)
     print(card_markdown(card))
     print(f"model file: {path}")
