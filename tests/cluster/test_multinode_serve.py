@@ -30,7 +30,7 @@ from tests.fixtures.multinode import LocalRayCluster, Node
 from tests.fixtures.ray_cluster import app_entry, app_settings, small_app_args, wait_ready
 from tests.hardening.conftest import SiteData, make_site
 from tests.hardening.test_faults import check_identifications, wait_score_rows
-from tests.helpers import score_duplicates
+from tests.helpers import export_body, score_duplicates, wait_final
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +106,12 @@ def on_two_nodes(cluster: LocalRayCluster, workers: set[str]) -> list[dict[str, 
     return found if len(found) == 2 and {r["node_id"] for r in found} == workers else None
 
 
+def start_export(url: str, site: SiteData) -> str:
+    resp = httpx.post(f"{url}/api/exports", json=export_body("csv"), headers=site.headers(), timeout=30)
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
 @pytest.fixture
 def site(db: psycopg.Connection[Any], tmp_path: Path) -> SiteData:
     return make_site(db, tmp_path / "images", k=4)
@@ -149,8 +155,10 @@ def test_losing_a_node_under_load_answers_no_500_replaces_its_replica_and_logs_e
             lost = a if before[0]["node_id"] == a.node_id else b
             survivor = b if lost is a else a
             lost_replicas = {r["actor_id"] for r in before if r["node_id"] == lost.node_id}
+            exports = [start_export(url, site) for _ in range(2)]  # export tasks run on the worker nodes too
             killed_at = time.monotonic()
             cluster.kill_node(lost)
+            exports += [start_export(url, site) for _ in range(2)]
 
             def replaced() -> list[dict[str, Any]] | None:
                 now = replicas(cluster, REID_REPLICA)
@@ -179,6 +187,14 @@ def test_losing_a_node_under_load_answers_no_500_replaces_its_replica_and_logs_e
         f"{len(during)} answers while a replica was missing ({back_at - killed_at:.1f} s); "
         f"{rate_before:.1f}/s before, {rate_after:.1f}/s after"
     )
+
+    # No export is left processing: each ended (Redis holds its final status), and the completed ones download.
+    with httpx.Client(base_url=url, timeout=30) as client:
+        finals = [wait_final(client, f"/api/exports/{job}", site.headers(), timeout_s=120) for job in exports]
+        assert {f["status"] for f in finals} <= {"completed", "failed"}, finals
+        for job in (f for f in finals if f["status"] == "completed"):
+            assert client.get(f"/api/exports/{job['id']}/download", headers=site.headers()).status_code == 200
+    print(f"exports around the loss: {sorted(f['status'] for f in finals)}")
 
     # Every answered detection was kept with all its score rows, each logged once.
     stored = db.execute("SELECT count(*) AS n FROM detections WHERE id = ANY(%s)", (answered,)).fetchone()
