@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PostgresDsn, RedisDsn, model_validator
+from pydantic import Field, PostgresDsn, RedisDsn, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me"  # noqa: S105 - the value refused outside development
@@ -14,6 +14,12 @@ MAX_NOTIFY_BUDGET_S = 900.0
 """Longest one export notification may keep retrying (every try timing out, plus the waits), seconds."""
 DEFAULT_SCIENTIFIC_NAME = "Odocoileus virginianus"
 """The taxon an export names when none is configured (white-tailed deer): Settings and the runner share it."""
+
+
+def notify_budget_s(*, attempts: int, timeout_s: float, backoff_s: float) -> float:
+    """Longest one export notification keeps trying, seconds: every try timing out plus every wait between
+    them (``backoff_s``, doubling after each)."""
+    return attempts * timeout_s + backoff_s * ((1 << (attempts - 1)) - 1)
 
 
 class Settings(BaseSettings):
@@ -86,7 +92,9 @@ class Settings(BaseSettings):
         default=None,
         description="Secure flag of the web UI's cookies; None: in production, or when a page is served over HTTPS.",
     )
-    smtp_host: str | None = Field(default=None, description="SMTP server for export e-mails; None sends none.")
+    smtp_host: str | None = Field(
+        default=None, description="SMTP server for export e-mails; None (or blank) sends none."
+    )
     smtp_port: int = Field(default=25, ge=1, le=65535, description="SMTP port.")
     smtp_username: str | None = Field(default=None, description="SMTP user name (None: no login).")
     smtp_password: str | None = Field(default=None, description="SMTP password.")
@@ -106,11 +114,17 @@ class Settings(BaseSettings):
     )
     notify_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one notification try, seconds.")
 
+    @field_validator("smtp_host", mode="before")
+    @classmethod
+    def _blank_smtp_host_is_none(cls, value: object) -> object:
+        # TRAILCAM_SMTP_HOST="" (a blanked variable) means no SMTP server, for the request check and delivery alike.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _bounded_notifications(self) -> Settings:
-        # Every try timing out plus the doubling waits: what an export task may wait on its notifications.
-        budget = self.notify_attempts * self.notify_timeout_s + self.notify_backoff_s * (
-            2 ** (self.notify_attempts - 1) - 1
+        # What an export task may wait on its notifications.
+        budget = notify_budget_s(
+            attempts=self.notify_attempts, timeout_s=self.notify_timeout_s, backoff_s=self.notify_backoff_s
         )
         if budget > MAX_NOTIFY_BUDGET_S:
             raise ValueError(

@@ -1,16 +1,20 @@
-"""Helpers several test directories share: auth headers, noise JPEGs, export bodies and polling, score counts."""
+"""Helpers several test directories share: auth headers, noise JPEGs, export bodies and polling, score counts,
+an export queue that runs without Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
 import psycopg
 from PIL import Image
 
+from serve_app.config import Settings
+from serve_app.exports.runner import run_export, runner_settings
 from tests.waiting import wait_until
 
 
@@ -69,3 +73,27 @@ def score_duplicates(conn: psycopg.Connection[Any], *, source: str | None = None
     ).fetchone()
     assert row is not None
     return int(row["n"])
+
+
+class ThreadQueue:
+    """The export queue of an app built without Ray: runs each export with the real runner in a worker thread
+    (what the Ray task does) and keeps those runs (``runs``) and the jobs it was asked to cancel (``cancelled``).
+    ``start=False`` never starts a run, like a cluster that never schedules the task; ``start="refuse"`` cannot
+    start one at all."""
+
+    def __init__(self, settings: Settings, *, start: bool | Literal["refuse"] = True) -> None:
+        self.settings = settings
+        self.start = start
+        self.runs: list[asyncio.Task[str]] = []
+        self.cancelled: list[str] = []
+
+    async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
+        if self.start == "refuse":
+            raise RuntimeError("no worker can take the task")
+        if self.start:
+            s = self.settings
+            run = asyncio.to_thread(run_export, s.database_dsn, job_id=job_id, params=params, **runner_settings(s))
+            self.runs.append(asyncio.create_task(run))
+
+    async def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)

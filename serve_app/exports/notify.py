@@ -12,22 +12,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import ipaddress
 import logging
 import smtplib
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from urllib.parse import urlsplit
 
 import httpx
 import redis.asyncio as aioredis
 
-from serve_app.config import Settings
+from serve_app.config import Settings, notify_budget_s
+from serve_app.exports.addresses import IPAddress, Pinned, is_public, pinned, resolve
 from serve_app.exports.jobs import Job, NotificationLog, NotificationState, notification
 from serve_app.exports.notices import Ended, email_message, webhook_body
 from serve_app.exports.signature import EVENT_HEADER, SIGNATURE_HEADER, sign, verify_signature
@@ -78,9 +76,8 @@ class NotifyConfig:
 
     @property
     def budget_s(self) -> float:
-        """Longest one channel's delivery takes, seconds: every attempt timing out plus every wait between them
-        (``backoff_s``, doubling)."""
-        return self.attempts * self.timeout_s + self.backoff_s * ((1 << (self.attempts - 1)) - 1)
+        """Longest one channel's delivery takes, seconds (:func:`serve_app.config.notify_budget_s`)."""
+        return notify_budget_s(attempts=self.attempts, timeout_s=self.timeout_s, backoff_s=self.backoff_s)
 
     @property
     def limit_s(self) -> float:
@@ -157,24 +154,30 @@ async def _mail(ended: Ended, to: str, config: NotifyConfig) -> _Failure | None:
     return None
 
 
-async def _refused_target(url: str) -> _Failure | None:
-    """A webhook whose host resolves to a loopback, private, link-local or otherwise non-public address is not
-    sent (unless Settings.webhook_private_targets): an export request must not reach inside the network."""
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        return _Failure(f"cannot resolve {host}: {_one_line(exc)}", retry=True)
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not address.is_global:
-            return _Failure(f"refused: {host} is not a public address (TRAILCAM_WEBHOOK_PRIVATE_TARGETS)", retry=False)
-    return None
+async def _post_pinned(
+    client: httpx.AsyncClient, url: str, addresses: list[IPAddress], *, body: bytes, headers: dict[str, str]
+) -> tuple[int, str]:
+    """POST to the first of ``addresses`` (those checked) that takes the connection, as a client tries each of a
+    host's addresses, but never to a new lookup of the host; returns the answer's status and reason."""
+    *others, last = addresses
+    for address in others:
+        with contextlib.suppress(httpx.ConnectError):  # the last address's error is the one reported
+            return await _post_to(client, pinned(url, address), body=body, headers=headers)
+    return await _post_to(client, pinned(url, last), body=body, headers=headers)
+
+
+async def _post_to(
+    client: httpx.AsyncClient, request: Pinned, *, body: bytes, headers: dict[str, str]
+) -> tuple[int, str]:
+    # Streamed and never read: only the status matters, and a receiver's body can be of any size.
+    async with client.stream(
+        "POST", request.url, content=body, headers=headers | request.headers, extensions=request.extensions
+    ) as resp:
+        return resp.status_code, resp.reason_phrase
 
 
 async def _post(ended: Ended, url: str, config: NotifyConfig, client: httpx.AsyncClient) -> _Failure | None:
-    if not config.private_targets and (refused := await _refused_target(url)) is not None:
-        return refused
+    host = httpx.URL(url).raw_host.decode("ascii")
     body = webhook_body(ended)
     headers = {
         "Content-Type": "application/json",
@@ -184,9 +187,16 @@ async def _post(ended: Ended, url: str, config: NotifyConfig, client: httpx.Asyn
     }
     try:
         async with asyncio.timeout(config.timeout_s):
-            # Streamed and never read: only the status matters, and a receiver's body can be of any size.
-            async with client.stream("POST", url, content=body, headers=headers) as resp:
-                status, reason = resp.status_code, resp.reason_phrase
+            try:
+                addresses = await resolve(host)
+            except OSError as exc:
+                return _Failure(f"cannot resolve {host}: {_one_line(exc)}", retry=True)
+            # A host resolving to a loopback, private, link-local or otherwise non-public address is not sent to
+            # (unless Settings.webhook_private_targets): an export request must not reach inside the network.
+            if not config.private_targets and not all(is_public(a) for a in addresses):
+                refusal = f"refused: {host} is not a public address (TRAILCAM_WEBHOOK_PRIVATE_TARGETS)"
+                return _Failure(refusal, retry=False)
+            status, reason = await _post_pinned(client, url, addresses, body=body, headers=headers)
     except TimeoutError:
         return _Failure(f"no answer within {config.timeout_s:g} s", retry=True)
     except httpx.TransportError as exc:  # connection refused or reset, DNS, TLS, protocol, httpx's own timeouts
@@ -247,6 +257,16 @@ async def _deliver_channel(
         logger.warning("export %s: %s notification failed after %d attempt(s): %s", ended.id, channel, attempts, error)
 
 
+def _webhook_client(config: NotifyConfig) -> httpx.AsyncClient:
+    """The client of one job's webhook (one host: a pooled connection never carries another host's name)."""
+    return httpx.AsyncClient(
+        timeout=config.timeout_s,
+        follow_redirects=False,  # a redirect is an answer (not 2xx), never a second destination
+        trust_env=False,  # no proxy variables nor .netrc for a host an export request chose
+        verify=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE / SSL_CERT_DIR still set the CAs
+    )
+
+
 async def deliver(ended: Ended, *, config: NotifyConfig, log: NotificationLog) -> None:
     """Send every notification the job asked for, channels side by side; returns when each is sent or given up."""
     runs: list[Awaitable[None]] = []
@@ -256,8 +276,7 @@ async def deliver(ended: Ended, *, config: NotifyConfig, log: NotificationLog) -
         if channel == "email":
             send = functools.partial(_mail, ended, target, config)
         else:
-            # follow_redirects=False: a redirect is an answer (not 2xx), never a second destination.
-            client = client or httpx.AsyncClient(timeout=config.timeout_s, follow_redirects=False)
+            client = client or _webhook_client(config)
             send = functools.partial(_post, ended, target, config, client)
         runs.append(_deliver_channel(ended, channel, send, config=config, log=log))
     try:

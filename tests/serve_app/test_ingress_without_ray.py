@@ -19,38 +19,14 @@ import ray
 from PIL import Image
 
 from serve_app.config import Settings
-from serve_app.exports.runner import run_export, runner_settings
 from serve_app.reid.identification import Identification, IdentifyRequest
 from serve_app.reid.preprocessing import BBox, crop_box_px
 from tests import factories
 from tests.fixtures.ray_cluster import app_settings
+from tests.helpers import ThreadQueue
 from tests.waiting import wait_until_async
 
 TODAY = dt.datetime.now(dt.UTC).date()
-
-
-class ThreadQueue:
-    """Runs each export with the real runner in a worker thread: what the Ray task does, without Ray."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.runs: dict[str, asyncio.Task[str]] = {}
-        self.cancelled: list[str] = []
-
-    async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
-        s = self.settings
-        self.runs[job_id] = asyncio.create_task(
-            asyncio.to_thread(
-                run_export,
-                s.database_dsn,
-                job_id=job_id,
-                params=params,
-                **runner_settings(s),
-            )
-        )
-
-    async def cancel(self, job_id: str) -> None:
-        self.cancelled.append(job_id)
 
 
 class StandInModel:

@@ -15,7 +15,9 @@ import datetime as dt
 import email
 import email.policy
 import io
+import ipaddress
 import json
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import psycopg
@@ -32,16 +34,20 @@ import redis
 import redis.asyncio as aioredis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from serve_app.config import PLACEHOLDER_SECRET, Settings
 from serve_app.exports import scripts
+from serve_app.exports.addresses import is_public, pinned
 from serve_app.exports.jobs import JobStore, NotificationLog, RunnerLease, notification
 from serve_app.exports.notify import Ended, NotifyConfig, deliver, verify_signature, wait_for_deliveries
-from serve_app.exports.runner import run_export, runner_settings
 from serve_app.exports.signature import EVENT_HEADER, SIGNATURE_HEADER, sign
 from tests import factories
 from tests.fixtures.ray_cluster import app_settings, free_port
-from tests.helpers import auth, export_body
+from tests.helpers import ThreadQueue, auth, export_body
 from tests.waiting import wait_until, wait_until_async
 
 SECRET = "webhook-test-secret"
@@ -118,13 +124,16 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def receiving(receiver: Receiver) -> Iterator[str]:
-    """Serve ``receiver`` on a free port; yields its URL (with a query the status must not show)."""
+def receiving(receiver: Receiver, *, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Serve ``receiver`` on 127.0.0.1 at a free port, over TLS with ``tls``; yields its URL, naming ``host``
+    (with a query the status must not show)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), receiver.handler())
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/hooks/export?token=abc"
+        yield f"{'https' if tls else 'http'}://{host}:{server.server_port}/hooks/export?token=abc"
     finally:
         receiver.hold.set()
         server.shutdown()
@@ -132,32 +141,81 @@ def receiving(receiver: Receiver) -> Iterator[str]:
         thread.join(10)
 
 
+@dataclass(frozen=True)
+class LocalhostTLS:
+    """A CA (``ca_file``, PEM) and a server context whose certificate it signed for the name localhost only."""
+
+    ca_file: Path
+    server: ssl.SSLContext
+
+
+@pytest.fixture
+def localhost_tls(tmp_path: Path) -> LocalhostTLS:
+    now = dt.datetime.now(dt.UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        )
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        certificate("webhook test CA", ca_key, "webhook test CA", ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        certificate("localhost", server_key, "webhook test CA", ca_key)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, chain_file, key_file = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server-key.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(chain_file, key_file)
+    return LocalhostTLS(ca_file=ca_file, server=server)
+
+
 # --- the app in process, its runner in a thread --------------------------------------------------------------
 
 
-class ThreadQueue:
-    """Runs each export with the real runner in a worker thread (what the Ray task does); ``start=False`` never
-    starts one, like a cluster that never schedules the task; ``start="refuse"`` cannot start one at all."""
-
-    def __init__(self, settings: Settings, *, start: bool | str = True) -> None:
-        self.settings = settings
-        self.start = start
-        self.runs: list[asyncio.Task[str]] = []
-
-    async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
-        if self.start == "refuse":
-            raise RuntimeError("no worker can take the task")
-        if self.start:
-            s = self.settings
-            run = asyncio.to_thread(run_export, s.database_dsn, job_id=job_id, params=params, **runner_settings(s))
-            self.runs.append(asyncio.create_task(run))
-
-    async def cancel(self, job_id: str) -> None:
-        return None
-
-
 def run_app(
-    settings: dict[str, Any], scenario: Callable[[httpx.AsyncClient], Awaitable[T]], *, start: bool | str = True
+    settings: dict[str, Any],
+    scenario: Callable[[httpx.AsyncClient], Awaitable[T]],
+    *,
+    start: bool | Literal["refuse"] = True,
 ) -> T:
     from serve_app.ingress import create_app
 
@@ -391,9 +449,7 @@ def test_receivers_that_are_down_end_failed_after_every_try_and_the_export_stays
         download = await client.get(job["download_url"], headers=site.key)
         return job, download.status_code
 
-    started = time.monotonic()
     job, download_status = run_app(settings, scenario)
-    assert time.monotonic() - started >= 0.2 + 0.4  # both waits between the three tries
     assert (job["status"], job["error"], download_status) == ("completed", None, 200)
     (mail, hook) = job["notifications"]
     assert (mail["channel"], mail["state"], mail["attempts"]) == ("email", "failed", 3)
@@ -479,6 +535,7 @@ def test_a_job_whose_task_cannot_start_is_announced_by_the_ingress(settings: dic
         (True, {"webhook_url": "https:///no-host"}, {("VR-007", "notify.webhook_url")}),
         (True, {"webhook_url": "example.org/hook"}, {("VR-007", "notify.webhook_url")}),
         (False, {"email": ADDRESS}, {("VR-008", "notify.email")}),
+        ("", {"email": ADDRESS}, {("VR-008", "notify.email")}),
         (
             False,
             {"email": "nope", "webhook_url": "mailto:x@y.org"},
@@ -494,10 +551,20 @@ def test_a_job_whose_task_cannot_start_is_announced_by_the_ingress(settings: dic
     ],
 )
 def test_a_notify_that_cannot_be_used_answers_422_with_its_rules_and_creates_no_job(
-    settings: dict[str, Any], site: Site, redis_client: redis.Redis, smtp: bool, notify: Any, expected: set[Any]
+    settings: dict[str, Any],
+    site: Site,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    smtp: bool | str,
+    notify: Any,
+    expected: set[Any],
 ) -> None:
-    if not smtp:
+    """``smtp``: the test SMTP server (True), none (False), or TRAILCAM_SMTP_HOST set to that string."""
+    if smtp is False:
         settings = {**settings, "smtp_host": None}
+    elif isinstance(smtp, str):
+        monkeypatch.setenv("TRAILCAM_SMTP_HOST", smtp)
+        settings = {k: v for k, v in settings.items() if k != "smtp_host"}
 
     async def scenario(client: httpx.AsyncClient) -> httpx.Response:
         return await client.post("/api/exports", json=export_body(notify=notify), headers=site.key)
@@ -653,10 +720,77 @@ def test_a_webhook_to_a_private_address_is_refused_unless_allowed(redis_url: str
         refused = _email_record(redis_url, config, notify={"webhook": url})
         assert (refused["state"], refused["attempts"]) == ("failed", 1)  # not tried again
         assert refused["error"].startswith("refused: 127.0.0.1 is not a public address")
+        nat64 = url.replace("127.0.0.1", "[64:ff9b::7f00:1]")  # NAT64 of 127.0.0.1
+        wrapped = _email_record(redis_url, config, notify={"webhook": nat64})
+        assert (wrapped["state"], wrapped["attempts"]) == ("failed", 1)
+        assert wrapped["error"].startswith("refused: 64:ff9b::7f00:1 is not a public address")
         assert receiver.deliveries == []
         allowed = _email_record(redis_url, dataclasses.replace(config, private_targets=True), notify={"webhook": url})
         assert (allowed["state"], allowed["attempts"]) == ("sent", 1)
         assert len(receiver.deliveries) == 1 and receiver.deliveries[0].verified
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        # IPv4-mapped: the IPv4 address itself
+        ("::ffff:8.8.8.8", True),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.1.2.3", False),
+        # 6to4: bits 16-47
+        ("2002:808:808::1", True),
+        ("2002:7f00:1::", False),
+        ("2002:c0a8:101::1", False),  # 192.168.1.1
+        # NAT64, well-known prefix: the low 32 bits
+        ("64:ff9b::808:808", True),
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254, a cloud's metadata service
+        # local-use NAT64 and IPv4-compatible: never public
+        ("64:ff9b:1::808:808", False),
+        ("::808:808", False),
+    ],
+)
+def test_the_address_check_reads_the_ipv4_address_an_ipv6_one_wraps(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+def test_a_pinned_webhook_request_names_the_checked_address_and_keeps_the_rest_of_the_url() -> None:
+    https = pinned("https://user:pw@Hooks.Example.org:8443/a/b?x=1&y=2", ipaddress.ip_address("93.184.216.34"))
+    assert https.url == "https://user:pw@93.184.216.34:8443/a/b?x=1&y=2"
+    assert https.headers == {"Host": "hooks.example.org:8443"}
+    assert https.extensions == {"sni_hostname": "hooks.example.org"}  # TLS names and checks the real host
+    http = pinned("http://hooks.example.org/x", ipaddress.ip_address("2001:db8::1"))
+    assert (http.url, http.headers, http.extensions) == ("http://[2001:db8::1]/x", {"Host": "hooks.example.org"}, {})
+
+
+def test_a_webhook_connects_to_the_address_it_resolved_under_its_own_host_name(
+    redis_url: str, redis_client: redis.Redis, localhost_tls: LocalhostTLS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver's certificate names localhost and no address: the request goes to 127.0.0.1 and still
+    # verifies the name, and sends it as Host.
+    monkeypatch.setenv("SSL_CERT_FILE", str(localhost_tls.ca_file))  # the webhook client's trusted CA
+    receiver = Receiver()
+    config = dataclasses.replace(_smtp_config(1), attempts=1, private_targets=True)
+    with receiving(receiver, host="localhost", tls=localhost_tls.server) as url:
+        sent = _email_record(redis_url, config, notify={"webhook": url})
+        by_address = _email_record(redis_url, config, notify={"webhook": url.replace("localhost", "127.0.0.1")})
+    assert (sent["state"], sent["attempts"], sent["error"]) == ("sent", 1, None)
+    (delivery,) = receiver.deliveries
+    assert delivery.verified and delivery.headers["Host"] == f"localhost:{httpx.URL(url).port}"
+    assert by_address["state"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in by_address["error"]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_smtp_host_means_no_smtp_server(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    monkeypatch.setenv("TRAILCAM_SMTP_HOST", blank)
+    assert Settings().smtp_host is None
+    assert NotifyConfig.from_settings(Settings()).smtp_host is None
+    monkeypatch.setenv("TRAILCAM_SMTP_HOST", "mail.example.org")
+    assert Settings().smtp_host == "mail.example.org"
 
 
 def test_the_delivery_budget_is_every_try_plus_every_wait() -> None:
@@ -673,6 +807,7 @@ def test_a_notification_record_never_recreates_a_job_nor_touches_one_still_proce
 
     async def scenario() -> list[bool]:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        sync = redis.Redis.from_url(redis_url)
         try:
             store, log = JobStore(client, status_ttl_s=60, start_grace_s=30), NotificationLog(client)
             _, job = await store.create(
@@ -680,12 +815,13 @@ def test_a_notification_record_never_recreates_a_job_nor_touches_one_still_proce
             )
             assert job is not None
             while_processing = await log.record(job.id, entry)
-            assert RunnerLease(redis.Redis.from_url(redis_url), job.id, lease_s=5).finish("completed")
+            assert RunnerLease(sync, job.id, lease_s=5).finish("completed")
             ended = await log.record(job.id, entry)
             await store.delete(job.id, owner=1)
             after_delete = await log.record(job.id, entry)
             return [while_processing, ended, after_delete, await client.exists(scripts.job_key(job.id)) == 1]
         finally:
+            sync.close()
             await client.aclose()
 
     assert asyncio.run(scenario()) == [False, True, False, False]
