@@ -14,15 +14,18 @@ from serve_app.errors import DeerMerged, MergeAcrossSites, NotFound
 from serve_app.store.audit import ReviewEvent, key_actor, record_event
 from serve_app.store.db import AsyncConn, Pool, SyncConn
 
-# A profile's figures from its detections. Its picture is its best detection, chosen as the review queue chooses a
-# candidate's: a person's decision first, then the detector's confidence, then the newest.
-FIGURES_SQL = """
+# A profile's picture, its best detection: a person's decision first, then the detector's confidence, then the
+# newest. The deer list, a profile and the review queue's candidates all show it; migration 011's
+# detections_profile_picture_idx follows this ORDER BY column for column. ``{deer_id}`` is the outer query's
+# profile id column.
+BEST_DETECTION_SQL = """(SELECT g.id FROM detections g WHERE g.deer_id = {deer_id}
+        ORDER BY (g.decision = 'manual') DESC, g.confidence DESC NULLS LAST, g.created_at DESC, g.id DESC LIMIT 1)"""
+# A profile's figures from its detections.
+FIGURES_SQL = f"""
        (SELECT count(*) FROM detections d WHERE d.deer_id = e.id) AS sightings,
        (SELECT max(i.captured_at) FROM detections d JOIN images i ON i.id = d.image_id WHERE d.deer_id = e.id)
            AS last_seen,
-       (SELECT g.id FROM detections g WHERE g.deer_id = e.id
-        ORDER BY (g.decision = 'manual') DESC, g.confidence DESC NULLS LAST, g.created_at DESC, g.id DESC LIMIT 1)
-           AS best_detection_id"""
+       {BEST_DETECTION_SQL.format(deer_id="e.id")} AS best_detection_id"""
 LIST_SQL = f"""
 SELECT e.id, e.site_id, e.name, e.sex, e.created_at, {FIGURES_SQL}
 FROM deer e

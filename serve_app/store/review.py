@@ -13,20 +13,17 @@ from typing import Literal, TypedDict, cast
 from serve_app.errors import DeerMerged, DeerNotInSite, NotFound
 from serve_app.store.audit import Action, ReviewEvent, key_actor, record_event
 from serve_app.store.db import Pool
-from serve_app.store.deer import create_deer
+from serve_app.store.deer import BEST_DETECTION_SQL, create_deer
 
-# A candidate's picture is its profile's best detection: a person's decision first, then the detector's
-# confidence, then the newest. "informative" puts the items closest to the accept threshold first: the ones a
-# decision moves most.
-ITEM_SQL = """
+# A candidate's picture is its profile's best detection (BEST_DETECTION_SQL). "informative" puts the items closest
+# to the accept threshold first: the ones a decision moves most.
+ITEM_SQL = f"""
 SELECT d.id AS detection_id, d.decision, d.deer_id, d.reviewed_at, d.top1_similarity, d.model_version,
        d.created_at, i.uri AS image_uri, i.captured_at, c.id AS camera_id, c.site_id,
        d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h, top.threshold AS accept_threshold,
        coalesce((SELECT json_agg(json_build_object(
                             'deer_id', s.deer_id, 'name', e.name, 'similarity', s.similarity,
-                            'best_detection_id', (SELECT g.id FROM detections g WHERE g.deer_id = s.deer_id
-                                                  ORDER BY (g.decision = 'manual') DESC, g.confidence DESC NULLS LAST,
-                                                           g.created_at DESC, g.id DESC LIMIT 1))
+                            'best_detection_id', {BEST_DETECTION_SQL.format(deer_id="s.deer_id")})
                                  ORDER BY s.rank)
                  FROM reid_similarity_scores s JOIN deer e ON e.id = s.deer_id
                  WHERE s.detection_id = d.id AND s.model_version = d.model_version AND s.source = 'online'

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from fastapi import FastAPI
 
 from tests import factories
 from tests.helpers import write_jpeg
@@ -85,16 +86,23 @@ def review_scenario(db: psycopg.Connection[Any], image_root: Path, *, items: int
 
 
 @asynccontextmanager
+async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` inside its lifespan (started as a server starts it, shut down on the way out), and an httpx
+    client on it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
+            yield client
+
+
+@asynccontextmanager
 async def ui_client(settings: dict[str, Any], *, export_queue: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The app the ingress builds (no Ray: ``export_queue`` stands in for the Ray one), inside its lifespan,
     and an httpx client on it."""
     from serve_app.ingress import create_app
 
-    app = create_app(settings, export_queue=export_queue)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
-            yield client
+    async with app_client(create_app(settings, export_queue=export_queue)) as client:
+        yield client
 
 
 def runner(settings: dict[str, Any], *, export_queue: Any) -> Callable[[Scenario], None]:

@@ -3,12 +3,16 @@ recorded (a Content-Security-Policy violation among them), and asyncio.run still
 
 from __future__ import annotations
 
-import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 from playwright.sync_api import Page
 
 from tests.fixtures.browser import BrowserLog
 
+ROOT = Path(__file__).resolve().parents[2]
 OUTSIDE = "http://example.com/pixel.png"
 
 
@@ -43,9 +47,48 @@ def test_an_inline_script_on_an_app_page_is_refused_and_recorded(
     assert "Content Security Policy" in browser_log.console_errors[0]
 
 
-def test_asyncio_run_works_in_a_test_after_a_browser_test() -> None:
-    async def answer() -> int:
-        await asyncio.sleep(0)
-        return 42
+# A session of its own, in this order whatever order the outer run takes: asyncio.run before the browser starts,
+# a real page, asyncio.run after it. A browser test itself holds Playwright's loop as running (asyncio.run
+# refuses there by design); the one after must find it released.
+AROUND_A_BROWSER_TEST = """
+import asyncio
 
+from playwright.sync_api import Page
+
+
+async def answer() -> int:
+    await asyncio.sleep(0)  # one suspension: the coroutine resumes only if asyncio.run's loop really runs it
+    return 42
+
+
+def test_asyncio_run_before_the_browser_starts() -> None:
     assert asyncio.run(answer()) == 42
+
+
+def test_a_page_draws_its_content(page: Page) -> None:
+    page.set_content("<p id='said'>drawn</p>")
+    assert page.inner_text("#said") == "drawn"
+
+
+def test_asyncio_run_after_a_browser_test() -> None:
+    assert asyncio.run(answer()) == 42
+"""
+
+
+def test_asyncio_run_works_in_the_test_after_a_browser_test(tmp_path: Path) -> None:
+    tests = tmp_path / "test_around_a_browser_test.py"
+    tests.write_text(AROUND_A_BROWSER_TEST)
+    # The project's pytest settings (warnings are errors) and its browser fixtures, none of its other conftest.
+    settings = ["-c", str(ROOT / "pyproject.toml"), "-p", "tests.fixtures.browser", "-p", "no:cacheprovider"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tests), *settings, "-v"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report
+    for name in ("before_the_browser_starts", "a_page_draws_its_content", "after_a_browser_test"):
+        assert re.search(rf"::test_\w*{name} PASSED", report), report

@@ -4,6 +4,7 @@ drives the same pages in Chromium on Serve)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,9 @@ import pytest
 from serve_app.config import Settings
 from tests import factories
 from tests.fixtures.ray_cluster import app_settings
-from tests.helpers import auth
-from tests.serve_app.test_ingress_without_ray import ThreadQueue
+from tests.helpers import ThreadQueue, auth
 from tests.waiting import wait_until_async
-from tests.web.scenario import ReviewScenario, Scenario, hidden, review_scenario, runner, sign_in
+from tests.web.scenario import ReviewScenario, Scenario, app_client, hidden, review_scenario, runner, sign_in
 
 
 @pytest.fixture
@@ -79,6 +79,27 @@ def test_pages_need_a_sign_in_and_a_valid_key(scenario: ReviewScenario, run: Cal
         assert (await client.get("/ui/review")).status_code == 303
 
     run(body)
+
+
+def test_the_pages_session_store_and_api_client_are_made_at_start_and_the_client_closed_at_shutdown(
+    scenario: ReviewScenario, settings: dict[str, Any]
+) -> None:
+    from serve_app.ingress import create_app
+
+    app = create_app(settings, export_queue=ThreadQueue(Settings(**settings)))
+
+    async def main() -> None:
+        async with app_client(app) as client:
+            store, api = app.state.ui_sessions, app.state.ui_api_client  # there before any request
+            assert not api.is_closed
+            await sign_in(client, scenario.key)
+            first = await asyncio.gather(*(client.get("/ui/review") for _ in range(4)))  # at once
+            assert [page.status_code for page in first] == [200] * 4
+            assert all(f"Detection {scenario.queue[0]}" in page.text for page in first)
+            assert app.state.ui_sessions is store and app.state.ui_api_client is api
+        assert api.is_closed
+
+    asyncio.run(main())
 
 
 def test_review_queue_shows_the_most_informative_item_and_records_decisions(

@@ -8,14 +8,15 @@ problem+json errors are the pages' too.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlencode, urlsplit
 
 import httpx
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.templating import Jinja2Templates
 from starlette.datastructures import FormData
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -23,11 +24,14 @@ from starlette.types import Message, Receive, Scope, Send
 
 from serve_app.errors import InvalidKey
 from serve_app.keys import Principal
+from serve_app.resources import Resources
 from serve_app.web.ui.session import COOKIE_NAME, Session, Sessions
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
 INTERNAL_BASE = "http://trailcam.internal"
 PASSED_HEADERS = ("content-type", "content-length", "etag", "cache-control", "content-disposition")
+RELAYED_REQUEST_HEADERS = ("if-none-match",)
+"""The browser's request headers a relayed GET carries to the API (besides the session's key)."""
 
 
 class SignInRequired(Exception):
@@ -47,23 +51,28 @@ class PageError(Exception):
         self.detail = detail
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Make the pages' session store and their in-process client of the API when the app starts (after its
+    resources are open); close the client at shutdown."""
+    resources: Resources = app.state.resources
+    settings = resources.settings
+    app.state.ui_sessions = Sessions(
+        resources.redis, secret=settings.ui_session_secret, ttl_s=settings.ui_session_ttl_s
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=INTERNAL_BASE) as client:
+        app.state.ui_api_client = client
+        yield
+
+
 def sessions(request: Request) -> Sessions:
-    """The app's session store (made on first use from the app's Redis client and settings)."""
-    store: Sessions | None = getattr(request.app.state, "ui_sessions", None)
-    if store is None:
-        settings = request.app.state.settings
-        store = Sessions(
-            request.app.state.resources.redis, secret=settings.ui_session_secret, ttl_s=settings.ui_session_ttl_s
-        )
-        request.app.state.ui_sessions = store
+    """The app's session store (made in :func:`lifespan`)."""
+    store: Sessions = request.app.state.ui_sessions
     return store
 
 
 def _client(request: Request) -> httpx.AsyncClient:
-    client: httpx.AsyncClient | None = getattr(request.app.state, "ui_api_client", None)
-    if client is None:
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=request.app), base_url=INTERNAL_BASE)
-        request.app.state.ui_api_client = client
+    client: httpx.AsyncClient = request.app.state.ui_api_client
     return client
 
 
@@ -115,10 +124,12 @@ class Page:
             raise SignInRequired(self.request.url.path)
         raise PageError(response.status_code, problem_detail(response))
 
-    def relay(self, path: str, *, headers: Mapping[str, str] | None = None) -> Response:
+    def relay(self, path: str) -> Response:
         """Stream a GET of the API to the browser (files and images), passing status, validators and cache
-        headers; nothing is held in memory beyond one chunk."""
-        scope_headers = [(k.encode(), v.encode()) for k, v in self._headers(headers).items()]
+        headers; the browser's If-None-Match goes along, so an image it holds answers 304. Nothing is held in
+        memory beyond one chunk."""
+        passed = {name: self.request.headers[name] for name in RELAYED_REQUEST_HEADERS if name in self.request.headers}
+        scope_headers = [(k.encode(), v.encode()) for k, v in self._headers(passed).items()]
         return Relay(path, scope_headers, sign_in_path=self.request.url.path)
 
     def render(self, template: str, context: Mapping[str, Any], *, status_code: int = 200) -> HTMLResponse:

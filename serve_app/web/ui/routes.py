@@ -19,6 +19,7 @@ from serve_app.web.ui.pages import (
     SignInRequired,
     checked_form,
     cross_site,
+    lifespan,
     safe_next,
     secure_cookies,
     see_other,
@@ -26,7 +27,8 @@ from serve_app.web.ui.pages import (
 )
 from serve_app.web.ui.session import COOKIE_NAME, LOGIN_COOKIE_NAME, LOGIN_TOKEN_TTL_S, new_browser_nonce
 
-router = APIRouter(prefix="/ui", include_in_schema=False)
+# The app runs the router's lifespan inside its own (resources open first): FastAPI merges it on include.
+router = APIRouter(prefix="/ui", include_in_schema=False, lifespan=lifespan)
 
 
 def _sign_in_form(
@@ -112,10 +114,9 @@ async def logout(request: Request, page: Page = PageDep) -> Response:
 
 
 @router.get("/crops/{detection_id}", summary="A detection's crop for the pages")
-async def crop(detection_id: int, request: Request, page: Page = PageDep) -> Response:
+async def crop(detection_id: int, page: Page = PageDep) -> Response:
     """The API's crop of the detection, relayed with its ETag (304 when the browser has it)."""
-    passed = {"if-none-match": request.headers["if-none-match"]} if "if-none-match" in request.headers else {}
-    return page.relay(f"/api/detections/{detection_id}/crop", headers=passed)
+    return page.relay(f"/api/detections/{detection_id}/crop")
 
 
 router.include_router(review.router)
