@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ from PIL import Image
 from serve_app.reid.preprocessing import CROP_MAX_SIDE_PX, BBox, crop_box_px
 
 logger = logging.getLogger(__name__)
+_said_refusal = threading.Event()
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 DECODE_CHUNK = 64
@@ -73,8 +75,13 @@ def decode_frames(blobs: Sequence[bytes], *, device: torch.device) -> list[torch
         for i, frame in zip(jpegs, _decode_jpegs([blobs[i] for i in jpegs], device=device), strict=True):
             frames[i] = frame
         if refused := sum(frames[i] is None for i in jpegs):
-            # Each is decoded by PIL on the CPU instead: right, but slow if it is every file.
-            logger.warning("the %s JPEG decoder refused %d of %d JPEGs; PIL decodes them", device, refused, len(jpegs))
+            # Each is decoded by PIL on the CPU instead: right, but slow if it is every file. Said once a process
+            # at warning level (a decoder that refuses every file would say it for every chunk), then at debug.
+            level = logging.DEBUG if _said_refusal.is_set() else logging.WARNING
+            _said_refusal.set()
+            logger.log(
+                level, "the %s JPEG decoder refused %d of %d JPEGs; PIL decodes them", device, refused, len(jpegs)
+            )
     return [frame if frame is not None else _decode_pil(blobs[i], device=device) for i, frame in enumerate(frames)]
 
 

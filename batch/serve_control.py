@@ -180,7 +180,9 @@ def update_reid(
     try:
         control.deploy(config)
         wait_running(control, app=app, newer_than=deployed_at, timeout_s=timeout_s, poll_s=poll_s)
-    except BaseException:
+    except BaseException as exc:
+        if not isinstance(exc, ServeControlError):
+            logger.warning("%s: deploying the previous Serve config back (up to %.0f s)", type(exc).__name__, timeout_s)
         restore(control, previous, app=app, timeout_s=timeout_s)
         raise
     return previous

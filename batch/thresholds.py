@@ -282,18 +282,6 @@ def _apply_locked(
         new_user_config={**running.user_config, "accept_threshold": new.accept, "review_threshold": new.review},
         app=app,
     )
-    try:
-        describe_replicas(
-            control,
-            app=app,
-            until=lambda d: (
-                (d["model_version"], d["accept_threshold"], d["review_threshold"])
-                == (running.model_version, new.accept, new.review)
-            ),
-        )
-    except ServeControlError as exc:
-        restore(control, previous_config, app=app)
-        raise ServeControlError(f"{_band(new)} was not taken by every replica, so it was undone: {exc}") from exc
     change = ThresholdChange(
         actor=actor,
         model_version=running.model_version,
@@ -304,8 +292,24 @@ def _apply_locked(
         report_id=int(stored["id"]),
         evidence=verdict.evidence,
     )
-    with connect(dsn) as conn:
-        change_id = record_change(conn, change)
+    try:
+        describe_replicas(
+            control,
+            app=app,
+            until=lambda d: (
+                (d["model_version"], d["accept_threshold"], d["review_threshold"])
+                == (running.model_version, new.accept, new.review)
+            ),
+        )
+        with connect(dsn) as conn:
+            change_id = record_change(conn, change)
+    except ServeControlError as exc:
+        restore(control, previous_config, app=app)
+        raise ServeControlError(f"{_band(new)} was not taken by every replica, so it was undone: {exc}") from exc
+    except BaseException:
+        # Interrupted, or the change could not be recorded: no threshold serves without its history row.
+        restore(control, previous_config, app=app)
+        raise
     return Outcome("applied", running, verdict, change_id)
 
 

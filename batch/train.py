@@ -183,7 +183,7 @@ def fit(
     name: str | None,
     max_failures: int,
     cpus_per_worker: float,
-    placement_strategy: str = "PACK",
+    placement_strategy: str,
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Run the trainer; returns the final checkpoint's state, the last epoch's metrics and the run name."""
     import ray.train
@@ -424,11 +424,14 @@ def main(argv: list[str] | None = None) -> int:
             placement_strategy=args.placement_strategy,
         )
     except TrainingFailedError as exc:
-        print(
-            f"{exc}\ntraining run {name} failed (restarts allowed: --max-failures {args.max_failures});"
-            f" its checkpoints stay under {args.storage.resolve() / name}: the same command resumes from the last one",
-            file=sys.stderr,
+        run_dir = args.storage.resolve() / name
+        kept = (
+            f"its checkpoints stay under {run_dir}: the same command resumes from the last one"
+            if any(run_dir.glob("checkpoint_*"))
+            else "it wrote no checkpoint: the same command starts it again"
         )
+        print(f"{exc}\ntraining run {name} failed (restarts allowed: --max-failures {args.max_failures}); {kept}",
+              file=sys.stderr)  # fmt: skip
         return 1
     path, card = write_model(config, state, metrics, out=args.out, run=run)
     print(card_markdown(card))

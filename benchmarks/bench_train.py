@@ -104,7 +104,14 @@ def through_train_fit(config: TrainConfig, *, gpu: bool, threads: int, storage: 
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         _state, metrics, _run = fit(
-            config, workers=1, gpu=gpu, storage=storage, name=None, max_failures=0, cpus_per_worker=threads
+            config,
+            workers=1,
+            gpu=gpu,
+            storage=storage,
+            name=None,
+            max_failures=0,
+            cpus_per_worker=threads,
+            placement_strategy="PACK",
         )
         return metrics
     finally:

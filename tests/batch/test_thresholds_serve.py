@@ -14,7 +14,7 @@ import torch
 from ray import serve
 
 from batch.serve_control import ClientControl, deployed_config
-from batch.thresholds import REFUSED, main
+from batch.thresholds import REFUSED, apply, main
 from serve_app.reid.backbones import build_backbone
 from serve_app.reid.model_spec import version_has_random_weights
 from serve_app.store.reports import store_report
@@ -87,3 +87,51 @@ def test_apply_refuses_thin_evidence_and_applies_evidence_that_holds(
     assert main(cli) == 0  # already there: nothing deployed, nothing recorded
     assert "no change: already at accept 0.7, review 0.5" in capsys.readouterr().out
     assert len(history(app_url, key)) == 1
+
+
+class CtrlCOnceDeployed(ClientControl):
+    """Serve's controller as apply uses it, with an operator pressing Ctrl-C once the new thresholds run, while
+    apply checks every replica took them (before the change is recorded)."""
+
+    def __init__(self) -> None:
+        self.deployed_after: float | None = None
+        self.running = False
+        self.interrupted = False
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        if self.deployed_after is None:
+            self.deployed_after = float(super().details()["applications"][APP]["last_deployed_time_s"])
+        super().deploy(config)
+
+    def details(self) -> dict[str, Any]:
+        if self.running and not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        found = super().details()
+        app = found["applications"][APP]
+        if self.deployed_after is not None and app["status"] == "RUNNING":
+            self.running = float(app["last_deployed_time_s"]) > self.deployed_after
+        return found
+
+
+@pytest.mark.slow
+def test_an_apply_interrupted_before_it_is_recorded_puts_the_running_thresholds_back(
+    app_url: str, db: psycopg.Connection[Any], database_url: str
+) -> None:
+    before = describe()
+    key = factories.api_key(db)
+    changes = len(history(app_url, key))
+    store_report(db, model_version=before["model_version"], sites=None, report=a_report(recommended=0.8, review=0.6))
+    assert (before["accept_threshold"], before["review_threshold"]) != (0.8, 0.6)
+    control = CtrlCOnceDeployed()
+
+    with pytest.raises(KeyboardInterrupt):
+        apply(database_url, control, actor="alice", app=APP)
+
+    assert control.interrupted
+    now = describe()
+    assert (now["accept_threshold"], now["review_threshold"]) == (
+        before["accept_threshold"],
+        before["review_threshold"],
+    )
+    assert len(history(app_url, key)) == changes  # no row for a change that does not serve

@@ -48,7 +48,14 @@ def test_tiny_model_trains_end_to_end_and_serves_from_its_file(
 ) -> None:
     config = tiny_config(tiny_set)
     state, metrics, run = fit(
-        config, workers=1, gpu=False, storage=tmp_path / "runs", name=None, max_failures=1, cpus_per_worker=1
+        config,
+        workers=1,
+        gpu=False,
+        storage=tmp_path / "runs",
+        name=None,
+        max_failures=1,
+        cpus_per_worker=1,
+        placement_strategy="PACK",
     )
     assert state["epoch"] == 2 and metrics["epoch"] == 2
     assert 0.0 <= metrics["top1_known"] <= 1.0

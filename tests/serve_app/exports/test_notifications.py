@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from serve_app.config import PLACEHOLDER_SECRET, Settings
-from serve_app.exports import scripts
+from serve_app.exports import notify, scripts
 from serve_app.exports.addresses import is_public, pinned
 from serve_app.exports.jobs import JobStore, NotificationLog, RunnerLease, notification
 from serve_app.exports.notify import Ended, NotifyConfig, deliver, verify_signature, wait_for_deliveries
@@ -782,6 +782,26 @@ def test_a_webhook_connects_to_the_address_it_resolved_under_its_own_host_name(
     (delivery,) = receiver.deliveries
     assert delivery.verified and delivery.headers["Host"] == f"localhost:{httpx.URL(url).port}"
     assert by_address["state"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in by_address["error"]
+
+
+def test_a_webhook_never_looks_its_host_up_a_second_time(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A name only the checked lookup knows (.invalid never resolves): the request reaches the receiver only if
+    # it goes to the address that lookup gave, not to one the HTTP client would look up again (DNS rebinding).
+    async def checked_lookup(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        assert host == "hook.rebind.invalid"
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(notify, "resolve", checked_lookup)
+    receiver = Receiver()
+    config = dataclasses.replace(_smtp_config(1), attempts=1, private_targets=True)
+    with receiving(receiver) as url:
+        port = httpx.URL(url).port
+        sent = _email_record(redis_url, config, notify={"webhook": f"http://hook.rebind.invalid:{port}/hook"})
+    assert (sent["state"], sent["attempts"], sent["error"]) == ("sent", 1, None)
+    (delivery,) = receiver.deliveries
+    assert delivery.verified and delivery.headers["Host"] == f"hook.rebind.invalid:{port}"
 
 
 @pytest.mark.parametrize("blank", ["", "  "])
