@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from tests.batch.conftest import Demo
 from tests.batch.test_backfill import expected_rows
 from tests.cluster.test_multinode_backfill import (
     RUN_S,
-    backfill_args,
+    backfill_driver,
     embed_actors,
     hold_the_run_after_a_block,
     run_row,
@@ -44,6 +42,7 @@ from tests.fixtures.multinode import LocalRayCluster, short_root
 from tests.fixtures.private_services import PrivateRedis, private_redis
 from tests.fixtures.ray_cluster import app_entry, app_settings, free_port, small_app_args
 from tests.hardening.conftest import SiteData, make_site
+from tests.hardening.test_faults import wait_score_rows
 from tests.helpers import export_body, score_duplicates
 from tests.waiting import sessions_waiting_on_locks, wait_until
 
@@ -115,26 +114,17 @@ def assert_stores_apart(cluster: LocalRayCluster, store: GcsStore, export_redis_
 # --- The Serve app ---------------------------------------------------------------------------------------
 
 
-def serve_cli(cluster: LocalRayCluster, *args: str) -> str:
-    """``serve <args>`` against the head's dashboard, as an operator runs it."""
-    serve = str(Path(sys.executable).with_name("serve"))
-    out = subprocess.run([serve, *args, "--address", cluster.dashboard_url], env=cluster.env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert out.returncode == 0, f"serve {args[0]} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout
-
-
 def deploy(cluster: LocalRayCluster, config: Path, *, port: int, args: dict[str, Any]) -> None:
     """``serve deploy`` of the app at / with its proxy on the head only (every node here shares 127.0.0.1)."""
     entry = {**app_entry(APP, args), "route_prefix": "/"}
     doc = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port}, "applications": [entry]}
     config.write_text(yaml.safe_dump(doc))
-    serve_cli(cluster, "deploy", str(config))
+    cluster.serve("deploy", str(config))
 
 
 def app_status(cluster: LocalRayCluster) -> str | None:
     """The app's status as ``serve status`` prints it (RUNNING, DEPLOYING...)."""
-    apps = yaml.safe_load(serve_cli(cluster, "status")).get("applications") or {}
+    apps = yaml.safe_load(cluster.serve("status")).get("applications") or {}
     status = apps.get(APP, {}).get("status")
     return str(status) if status else None
 
@@ -181,9 +171,10 @@ class Traffic:
                 sent = time.monotonic()
                 try:
                     resp = client.request(method, path, json=body)
-                except httpx.HTTPError as exc:  # the proxy refused or dropped us: never acceptable
+                except httpx.HTTPError as exc:  # the proxy refused or dropped us: never acceptable, and the test fails
                     self.errors.append(f"{kind}: {exc!r}")
-                    continue
+                    self.stop.set()  # no retrying at full speed against a proxy that is gone
+                    return
                 finally:
                     i += 1
                 self.answers.append(Answer(kind, sent, time.monotonic(), resp.status_code,
@@ -341,14 +332,8 @@ def test_serve_answers_while_the_gcs_is_down_and_the_restarted_gcs_takes_the_clu
     # Every answered identification is stored with one score row per profile: none lost, none twice.
     answered = identified(traffic.answers)
     assert count(db, "SELECT count(*) AS n FROM detections WHERE id = ANY(%s)", answered) == len(answered)
-    wait_until(
-        lambda: (
-            count(db, "SELECT count(*) AS n FROM reid_similarity_scores WHERE detection_id = ANY(%s)", answered)
-            == len(answered) * len(site.deer)
-        ),
-        what="every score row",
-        timeout_s=30,
-    )
+    expected = len(answered) * len(site.deer)
+    assert wait_score_rows(db, answered, expected, timeout_s=30) == expected
     assert score_duplicates(db, source="online") == 0
 
 
@@ -361,10 +346,7 @@ def test_a_backfill_running_while_the_gcs_is_killed_and_restarted_completes_by_i
     cluster = ft_cluster
     cluster.add_node(num_cpus=4)  # both embedding actors (1 CPU each) and room for the read, decode and write tasks
     log = tmp_path / "driver.log"
-    with log.open("w") as out:
-        driver = subprocess.Popen(backfill_args(demo), env=cluster.driver_env(), cwd=ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
-    try:
+    with backfill_driver(cluster, demo, log) as driver:
         with connect(demo.dsn) as gate:
             run = hold_the_run_after_a_block(gate, driver)  # mid-way: later blocks wait to commit
             assert 0 < run["done"] < run["total"]
@@ -384,10 +366,6 @@ def test_a_backfill_running_while_the_gcs_is_killed_and_restarted_completes_by_i
         restarts = {a["actor_id"]: a["num_restarts"] for a in embed_actors(cluster)}
         assert {a: restarts.get(a) for a in actors} == dict.fromkeys(actors, 0), restarts
         rc = driver.wait(timeout=RUN_S)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     output = log.read_text()
     print(f"backfill: {run['done']}/{run['total']} at the GCS kill, {done_then} when it was started again")
     assert rc == 0 and f"run {run['id']}: completed" in output, output[-4000:]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ demo_root, demo, fresh = batch_fixtures.demo_root, batch_fixtures.demo, batch_fi
 
 WORKER_CPUS = 3
 """Per worker node: one embedding actor (1 CPU) and room for read, decode and write tasks; after losing a
-node, the other holds both actors and still has a CPU for the tasks (the head has none)."""
+node, the other has room for both actors (the lost one is started again when the pool still needs it) and
+still has a CPU for the tasks (the head has none)."""
 RUN_S = 240
 EMBED = "EmbedAndMatch"
 READ_DECODE = ("read_ranges", "decode_crops")
@@ -45,6 +48,21 @@ def run_driver(cluster: LocalRayCluster, args: list[str], log: Path) -> subproce
         proc = subprocess.run(args, env=cluster.driver_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                               timeout=RUN_S, text=True, check=False)  # fmt: skip
     return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), "")
+
+
+@contextlib.contextmanager
+def backfill_driver(cluster: LocalRayCluster, demo: Demo, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``backfill_args`` run as a driver on the cluster's head, its output in ``log``; killed on the way out if it
+    still runs (a test that failed half-way)."""
+    with log.open("w") as out:
+        driver = subprocess.Popen(backfill_args(demo), env=cluster.driver_env(), cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
 
 
 def two_workers(cluster: LocalRayCluster) -> tuple[Node, Node]:
@@ -114,10 +132,7 @@ def test_losing_a_worker_node_mid_run_retries_its_work_on_the_other_and_complete
     cluster = local_ray_cluster
     workers = two_workers(cluster)
     log = tmp_path / "driver.log"
-    with log.open("w") as out:
-        driver = subprocess.Popen(backfill_args(demo), env=cluster.driver_env(), cwd=ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
-    try:
+    with backfill_driver(cluster, demo, log) as driver:
         with connect(demo.dsn) as gate:
             run = hold_the_run_after_a_block(gate, driver)
             assert 0 < run["done"] < run["total"]
@@ -133,10 +148,6 @@ def test_losing_a_worker_node_mid_run_retries_its_work_on_the_other_and_complete
             cluster.kill_node(lost)
             gate.rollback()
         rc = driver.wait(timeout=RUN_S)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     output = log.read_text()
     assert rc == 0 and f"run {run['id']}: completed" in output, output[-4000:]
 

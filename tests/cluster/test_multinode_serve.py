@@ -10,8 +10,6 @@ surviving node, identifications flow again, and every answered detection has its
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -87,15 +85,6 @@ def serve_config(cluster: LocalRayCluster, settings: dict[str, Any], port: int) 
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
 
 
-def serve_deploy(cluster: LocalRayCluster, config: dict[str, Any], path: Path) -> None:
-    """``serve deploy`` through the head's dashboard, as an operator updates a running cluster."""
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    serve_cli = str(Path(sys.executable).with_name("serve"))
-    out = subprocess.run([serve_cli, "deploy", str(path), "--address", cluster.dashboard_url], env=cluster.env,
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
 def replicas(cluster: LocalRayCluster, name: str) -> list[dict[str, Any]]:
     """The deployment's live replica actors (state API)."""
     return [a for a in cluster.actors() if a["class_name"] == name and a["state"] == "ALIVE"]
@@ -126,7 +115,9 @@ def deployed(
     b = cluster.add_node(num_cpus=WORKER_CPUS)
     port = free_port()
     settings = app_settings(database_url, redis_url, tmp_path)
-    serve_deploy(cluster, serve_config(cluster, settings, port), tmp_path / "serve.yaml")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(serve_config(cluster, settings, port), sort_keys=False))
+    cluster.serve("deploy", str(config))  # as an operator updates a running cluster
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, timeout_s=DEPLOY_S)
     yield cluster, url, a, b

@@ -78,11 +78,24 @@ def lose_a_worker_node_after_the_first_checkpoint(
     return lost, before
 
 
-def stop_driver(driver: subprocess.Popen[bytes]) -> None:
-    """Kill the driver if it still runs (a test that failed half-way); its cluster is stopped by the fixture."""
-    if driver.poll() is None:
-        driver.kill()
-        driver.wait()
+def train_losing_a_node(
+    cluster: LocalRayCluster, data: Path, tmp: Path, name: str, max_failures: int
+) -> tuple[tuple[Node, Node], Node, list[dict[str, Any]], int, str]:
+    """Two worker nodes, a run of ``train_args`` on them that loses one node after its first checkpoint; returns
+    the nodes, the lost one, the first workers, the driver's exit code and its output."""
+    nodes = (cluster.add_node(num_cpus=WORKER_CPUS), cluster.add_node(num_cpus=WORKER_CPUS))
+    log = tmp / "driver.log"
+    driver = start_driver(cluster, train_args(data, tmp, name=name, max_failures=max_failures), log)
+    try:
+        lost, before = lose_a_worker_node_after_the_first_checkpoint(
+            cluster, nodes, run=tmp / "runs" / name, driver=driver, log=log
+        )
+        rc = driver.wait(timeout=RUN_S)
+    finally:
+        if driver.poll() is None:  # a test that failed half-way; the fixture stops the cluster
+            driver.kill()
+            driver.wait()
+    return nodes, lost, before, rc, log.read_text()
 
 
 @pytest.mark.slow
@@ -90,17 +103,7 @@ def test_training_on_two_worker_nodes_survives_losing_one_by_resuming_from_its_l
     local_ray_cluster: LocalRayCluster, tiny_set: Path, tmp_path: Path
 ) -> None:
     cluster = local_ray_cluster
-    nodes = (cluster.add_node(num_cpus=WORKER_CPUS), cluster.add_node(num_cpus=WORKER_CPUS))
-    log = tmp_path / "driver.log"
-    driver = start_driver(cluster, train_args(tiny_set, tmp_path, name="two-nodes", max_failures=MAX_FAILURES), log)
-    try:
-        lost, before = lose_a_worker_node_after_the_first_checkpoint(
-            cluster, nodes, run=tmp_path / "runs" / "two-nodes", driver=driver, log=log
-        )
-        rc = driver.wait(timeout=RUN_S)
-    finally:
-        stop_driver(driver)
-    output = log.read_text()
+    nodes, lost, before, rc, output = train_losing_a_node(cluster, tiny_set, tmp_path, "two-nodes", MAX_FAILURES)
     assert rc == 0, output[-4000:]
     survivor = next(n for n in nodes if n is not lost)
 
@@ -131,17 +134,7 @@ def test_with_no_restarts_allowed_losing_a_worker_node_ends_the_run_saying_so(
     local_ray_cluster: LocalRayCluster, tiny_set: Path, tmp_path: Path
 ) -> None:
     cluster = local_ray_cluster
-    nodes = (cluster.add_node(num_cpus=WORKER_CPUS), cluster.add_node(num_cpus=WORKER_CPUS))
-    log = tmp_path / "driver.log"
-    driver = start_driver(cluster, train_args(tiny_set, tmp_path, name="no-restarts", max_failures=0), log)
-    try:
-        lose_a_worker_node_after_the_first_checkpoint(
-            cluster, nodes, run=tmp_path / "runs" / "no-restarts", driver=driver, log=log
-        )
-        rc = driver.wait(timeout=RUN_S)
-    finally:
-        stop_driver(driver)
-    output = log.read_text()
+    *_, rc, output = train_losing_a_node(cluster, tiny_set, tmp_path, "no-restarts", 0)
     assert rc == 1, output[-4000:]
     assert (
         "training run no-restarts failed (restarts allowed: --max-failures 0);"
