@@ -303,12 +303,11 @@ def _apply_locked(
         )
         with connect(dsn) as conn:
             change_id = record_change(conn, change)
-    except ServeControlError as exc:
+    except BaseException as exc:
+        # Not taken by every replica, interrupted, or not recorded: no threshold serves without its history row.
         restore(control, previous_config, app=app)
-        raise ServeControlError(f"{_band(new)} was not taken by every replica, so it was undone: {exc}") from exc
-    except BaseException:
-        # Interrupted, or the change could not be recorded: no threshold serves without its history row.
-        restore(control, previous_config, app=app)
+        if isinstance(exc, ServeControlError):
+            raise ServeControlError(f"{_band(new)} was not taken by every replica, so it was undone: {exc}") from exc
         raise
     return Outcome("applied", running, verdict, change_id)
 
