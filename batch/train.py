@@ -43,6 +43,7 @@ import torch
 
 from batch.train_data import read_manifest, split
 from batch.training import (
+    TRAINING_ALLOCATOR_ENV,
     TrainConfig,
     build_trainee,
     loader,
@@ -207,6 +208,7 @@ def fit(
             # Bounded: Ray Train's controller retries forever by default.
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": TRAINING_ALLOCATOR_ENV},
         ),
     )
     result = trainer.fit()

@@ -5,6 +5,11 @@ and ArcFace heads, the trail-camera augmentations, AdamW) over the same rendered
 over its steps after one warm-up step, excluding start-up (Ray Train's worker start, the data load).
 ``--quick`` (or BENCH_QUICK=1): fewer steps at 96 px.
 
+Both loops run under the allocator settings ``batch.train`` gives its workers
+(``batch.training.TRAINING_ALLOCATOR_ENV``): the bench starts itself again with them when its own environment
+lacks them, so the ratio is Ray Train's cost, not glibc's. ``--glibc-defaults`` measures both under glibc's
+defaults instead (the Ray Train worker then keeps ``cluster/local/ray.env``'s ``MALLOC_ARENA_MAX=2``).
+
 ``--gpu`` instead measures ``python -m batch.train --gpu``'s own loop (``batch.train.fit``: one Ray Train worker
 holding one GPU, NCCL, bfloat16 autocast): the samples/s its last epoch reports (validation and checkpoints
 are not timed; the first epoch also pays for CUDA's start-up). ``--fit`` does the same on the CPU (gloo).
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 
 from batch.train_data import read_manifest, render_demo_set, split
-from batch.training import TrainConfig, build_trainee, loader, optimizer_for, training_set
+from batch.training import TRAINING_ALLOCATOR_ENV, TrainConfig, build_trainee, loader, optimizer_for, training_set
 from benchmarks.common import ray_env, write_results
 
 
@@ -70,7 +76,9 @@ def _ray_train_worker(params: dict[str, Any]) -> float:
     return _timed_steps(TrainConfig(**params["config"]), steps=params["steps"], threads=params["threads"])
 
 
-def through_ray_train(config: TrainConfig, *, steps: int, threads: int, storage: Path) -> float:
+def through_ray_train(
+    config: TrainConfig, *, steps: int, threads: int, storage: Path, allocator: dict[str, str]
+) -> float:
     """The same steps inside one Ray Train worker (TorchTrainer, gloo)."""
     import ray
     import ray.train
@@ -86,7 +94,9 @@ def through_ray_train(config: TrainConfig, *, steps: int, threads: int, storage:
             worker,
             train_loop_config={"config": config.as_json(), "steps": steps, "threads": threads},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-            run_config=ray.train.RunConfig(name="bench-train", storage_path=str(storage)),
+            run_config=ray.train.RunConfig(
+                name="bench-train", storage_path=str(storage), worker_runtime_env={"env_vars": allocator}
+            ),
         )
         result: Any = trainer.fit()  # Train V2: the rank-0 worker's return value is on the result
         return float(result.return_value)
@@ -131,7 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--individuals", type=int, default=16, help="deer in the rendered training set")
     parser.add_argument("--per-individual", type=int, default=12, help="crops of each deer")
     parser.add_argument("--results-name", default="train", help="benchmarks/results/<name>.json")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="both loops under glibc's allocator defaults, not batch.train's worker settings",
+    )
     args = parser.parse_args(argv)
+    if not args.glibc_defaults and any(os.environ.get(k) != v for k, v in TRAINING_ALLOCATOR_ENV.items()):
+        # glibc reads these when a process starts: the plain loop gets them by starting this bench again.
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "benchmarks.bench_train", *argv],
+            {**os.environ, **TRAINING_ALLOCATOR_ENV},
+        )
+    allocator = {} if args.glibc_defaults else TRAINING_ALLOCATOR_ENV
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
     size, steps = (96, 6) if args.quick else (128, 20)
@@ -150,11 +174,14 @@ def main(argv: list[str] | None = None) -> None:
             plain_rates.append(_timed_steps(config, steps=steps, threads=threads))
             storage = Path(tmp) / f"round{k}"
             ray_rates.append(
-                through_ray_train(dataclasses.replace(config), steps=steps, threads=threads, storage=storage)
+                through_ray_train(
+                    dataclasses.replace(config), steps=steps, threads=threads, storage=storage, allocator=allocator
+                )
             )
             ratios.append(ray_rates[-1] / plain_rates[-1])
     plain, ray_rate = statistics.median(plain_rates), statistics.median(ray_rates)
-    case = f"{config.architecture} {size}px batch {args.batch_size}, {steps} steps, {threads} threads"
+    glibc = "glibc defaults" if args.glibc_defaults else "batch.train's allocator settings"
+    case = f"{config.architecture} {size}px batch {args.batch_size}, {steps} steps, {threads} threads, {glibc}"
     per_round = ", ".join(f"{r:.2f}" for r in ratios)
     rows: list[dict[str, Any]] = [
         {"case": f"Ray Train, one worker ({case}; median)", "metric": "samples/s", "value": ray_rate,
@@ -163,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         {"case": f"Ray Train / plain loop (median of {args.rounds} rounds: {per_round})", "metric": "ratio",
          "value": statistics.median(ratios), "unit": "x", "target": ">= 0.8"},
     ]  # fmt: skip
-    meta = {"quick": args.quick, "cpus": threads, "cuda": torch.cuda.is_available()}
+    meta = {"quick": args.quick, "cpus": threads, "cuda": torch.cuda.is_available(), "allocator": allocator}
     write_results(args.results_name, rows, meta=meta)
 
 
