@@ -189,9 +189,18 @@ def fit(
     """Run the trainer; returns the final checkpoint's state, the last epoch's metrics and the run name."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.config import FailureConfig  # ray.train.FailureConfig with Train V2 (the default)
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig
 
     name = name or run_name(config, manifest_digest(Path(config.data)), workers=workers)
+    # Train V2's RunConfig (ray.train.RunConfig when V2 is on, the default); TorchTrainer's annotations name V1's.
+    run_config: Any = RunConfig(
+        name=name,
+        storage_path=str(storage.resolve()),
+        # Bounded: Ray Train's controller retries forever by default.
+        failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        worker_runtime_env={"env_vars": TRAINING_ALLOCATOR_ENV},
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.as_json(), "torch_threads": max(1, int(cpus_per_worker))},
@@ -202,14 +211,7 @@ def fit(
             resources_per_worker={"CPU": cpus_per_worker},
             placement_strategy=placement_strategy,
         ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage.resolve()),
-            # Bounded: Ray Train's controller retries forever by default.
-            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": TRAINING_ALLOCATOR_ENV},
-        ),
+        run_config=run_config,
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -83,6 +83,7 @@ def through_ray_train(
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import RunConfig
 
     # The environment make run's head has (cluster/local/ray.env): without it Ray starts the training worker
     # at niceness 15, below its own daemons, which on two cores costs it a third of its steps.
@@ -90,13 +91,14 @@ def through_ray_train(
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         worker: Any = _ray_train_worker  # Train V2 returns the worker's value (its stubs say None)
+        # Train V2's RunConfig; TorchTrainer's annotations name V1's.
+        run_config: Any = RunConfig(name="bench-train", storage_path=str(storage),
+                                    worker_runtime_env={"env_vars": allocator})  # fmt: skip
         trainer = TorchTrainer(
             worker,
             train_loop_config={"config": config.as_json(), "steps": steps, "threads": threads},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-            run_config=ray.train.RunConfig(
-                name="bench-train", storage_path=str(storage), worker_runtime_env={"env_vars": allocator}
-            ),
+            run_config=run_config,
         )
         result: Any = trainer.fit()  # Train V2: the rank-0 worker's return value is on the result
         return float(result.return_value)
