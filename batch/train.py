@@ -45,6 +45,7 @@ from batch.train_data import read_manifest, split
 from batch.training import (
     TRAINING_ALLOCATOR_ENV,
     TrainConfig,
+    allocator_env_seen,
     build_trainee,
     loader,
     lr_factor,
@@ -128,6 +129,7 @@ def train_loop_per_worker(params: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "loss": stats["loss"],
             "samples_per_s": stats["samples"] * world / max(stats["seconds"], 1e-9),
+            "allocator_env": allocator_env_seen(),  # what glibc was started with in this worker
         }
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
@@ -199,7 +201,7 @@ def fit(
         # Bounded: Ray Train's controller retries forever by default.
         failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
-        worker_runtime_env={"env_vars": TRAINING_ALLOCATOR_ENV},
+        worker_runtime_env={"env_vars": {} if gpu else TRAINING_ALLOCATOR_ENV},
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -8,6 +8,7 @@ ImageNet normalisation), so its figures are the product's.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -32,8 +33,14 @@ from serve_app.reid.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_batch
 # page faults than in arithmetic: 23 samples/s in the worker against 41-53 in a plain loop on the main thread.
 # One arena, no mmap and no trimming keep the freed memory for the next step (the worker's resident set stays at
 # the largest step's) and took both to 57-73 samples/s on two cores. Read by glibc when a process starts, so they
-# are set in the worker's environment (``worker_runtime_env``), not from Python.
+# are set in the worker's environment (``worker_runtime_env``), not from Python. Measured for CPU training only:
+# a GPU worker's activations live on the GPU, and it keeps glibc's defaults.
 TRAINING_ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def allocator_env_seen() -> dict[str, str]:
+    """The allocator settings of TRAINING_ALLOCATOR_ENV as this process's environment has them ("" where unset)."""
+    return {name: os.environ.get(name, "") for name in TRAINING_ALLOCATOR_ENV}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,9 @@
 
 All three use the same model, input size and (for the raw passes) batch size, on the same machine in
 one run, with serve_config.yaml's model by default. ``--quick`` (or BENCH_QUICK=1): fewer detections.
+A fourth row does a detection's own work and nothing else, in one process: decode its frame, crop it and
+embed it in batches (no Ray, no database, no scoring); the backfill over it is the pipeline's own cost on
+a machine where decoding costs as much as the model.
 
 Another model, ``--decode`` mode (repeat it to compare modes) and ``--copies`` serve the GPU check
 (benchmarks/gpu_check.sh): each mode is also run on a quarter of the detections, and the difference of the
@@ -53,6 +56,26 @@ def raw_model(options: BackfillOptions, *, detections: int) -> float:
     for _ in range(passes):
         embedder.embed_tensor(batch)
     return passes * options.batch_size / (time.perf_counter() - start)
+
+
+def decode_and_forward(options: BackfillOptions, *, dsn: str, image_root: Path, sites: list[int], limit: int) -> float:
+    """A detection's own work in one process: decode its frame, crop it, embed it in batches; detections/s."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT i.uri, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h FROM detections d JOIN images i ON i.id = d.image_id"
+            " JOIN cameras c ON c.id = i.camera_id WHERE c.site_id = ANY(%s) ORDER BY d.id LIMIT %s",
+            (sites, limit),
+        ).fetchall()
+    embedder = Embedder(options.spec)
+    embedder.embed_tensor(torch.randn(options.batch_size, 3, options.input_size_px, options.input_size_px))
+    start = time.perf_counter()
+    for k in range(0, len(rows), options.batch_size):
+        crops = []
+        for uri, *box in rows[k : k + options.batch_size]:
+            with Image.open(image_root / uri) as image:
+                crops.append(crop(image.convert("RGB"), BBox(*box)))
+        embedder.embed_crops(crops)
+    return len(rows) / (time.perf_counter() - start)
 
 
 def sequential(options: BackfillOptions, *, dsn: str, image_root: Path, duration_s: float, sites: list[int]) -> float:
@@ -177,8 +200,13 @@ def main(argv: list[str] | None = None) -> None:
                  "unit": "det/s"})  # fmt: skip
     rows.append({"case": f"backfill (decode {decodes[0]}) / raw model", "metric": "ratio", "value": backfill / raw,
                  "unit": "x", "target": ">= 0.8"})  # fmt: skip
+    root = Path(settings.image_root).resolve()
+    own = decode_and_forward(options, dsn=dsn, image_root=root, sites=sites, limit=n)
+    rows.append({"case": f"decode, crop and forward in one process ({arch} {size}px batch {args.batch_size}, no Ray, "
+                 "no database)", "metric": "det/s", "value": own, "unit": "det/s"})  # fmt: skip
+    rows.append({"case": f"backfill (decode {decodes[0]}) / decode, crop and forward in one process", "metric": "ratio",
+                 "value": backfill / own, "unit": "x"})  # fmt: skip
     if not args.no_sequential:
-        root = Path(settings.image_root).resolve()
         seq = sequential(options, dsn=dsn, image_root=root, duration_s=30 if quick else 60, sites=sites)
         rows += [
             {"case": f"sequential one at a time ({arch} {size}px)", "metric": "det/s", "value": seq, "unit": "det/s"},

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 
 from batch.train_data import read_manifest, render_demo_set, split
-from batch.training import TRAINING_ALLOCATOR_ENV, TrainConfig, build_trainee, loader, optimizer_for, training_set
+from batch.training import (
+    TRAINING_ALLOCATOR_ENV,
+    TrainConfig,
+    allocator_env_seen,
+    build_trainee,
+    loader,
+    optimizer_for,
+    training_set,
+)
 from benchmarks.common import ray_env, write_results
 
 
@@ -72,8 +80,9 @@ def _timed_steps(config: TrainConfig, *, steps: int, threads: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-def _ray_train_worker(params: dict[str, Any]) -> float:
-    return _timed_steps(TrainConfig(**params["config"]), steps=params["steps"], threads=params["threads"])
+def _ray_train_worker(params: dict[str, Any]) -> dict[str, Any]:
+    rate = _timed_steps(TrainConfig(**params["config"]), steps=params["steps"], threads=params["threads"])
+    return {"rate": rate, "allocator_env": allocator_env_seen()}
 
 
 def through_ray_train(
@@ -86,7 +95,11 @@ def through_ray_train(
     from ray.train.v2.api.config import RunConfig
 
     # The environment make run's head has (cluster/local/ray.env): without it Ray starts the training worker
-    # at niceness 15, below its own daemons, which on two cores costs it a third of its steps.
+    # at niceness 15, below its own daemons, which on two cores costs it a third of its steps. The allocator
+    # settings this process was started with are taken out first: Ray's processes get ray.env's, and the
+    # worker gets ``allocator`` only through its runtime environment, as batch.train gives it.
+    for name in TRAINING_ALLOCATOR_ENV:
+        os.environ.pop(name, None)
     os.environ.update({k: v for k, v in ray_env().items() if k not in os.environ})
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
@@ -101,7 +114,10 @@ def through_ray_train(
             run_config=run_config,
         )
         result: Any = trainer.fit()  # Train V2: the rank-0 worker's return value is on the result
-        return float(result.return_value)
+        seen = result.return_value["allocator_env"]
+        if allocator and seen != allocator:
+            raise RuntimeError(f"the Ray Train worker started with {seen}, not {allocator}")
+        return float(result.return_value["rate"])
     finally:
         ray.shutdown()
 
@@ -149,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         help="both loops under glibc's allocator defaults, not batch.train's worker settings",
     )
     args = parser.parse_args(argv)
-    if not args.glibc_defaults and any(os.environ.get(k) != v for k, v in TRAINING_ALLOCATOR_ENV.items()):
+    if (args.gpu or args.fit) and args.glibc_defaults:
+        parser.error("--glibc-defaults compares the two loops; --gpu and --fit measure batch.train's own")
+    if not (args.gpu or args.fit or args.glibc_defaults) and any(
+        os.environ.get(k) != v for k, v in TRAINING_ALLOCATOR_ENV.items()
+    ):
         # glibc reads these when a process starts: the plain loop gets them by starting this bench again.
         argv = sys.argv[1:] if argv is None else argv
         os.execve(

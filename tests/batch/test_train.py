@@ -15,7 +15,7 @@ import pytest
 
 from batch.train import fit, trained_card, write_model
 from batch.train_data import read_manifest, render_demo_set
-from batch.training import TrainConfig, build_trainee
+from batch.training import TRAINING_ALLOCATOR_ENV, TrainConfig, build_trainee
 from serve_app.reid.embedder import Embedder, ModelSpec
 from tests.waiting import wait_until
 
@@ -58,6 +58,7 @@ def test_tiny_model_trains_end_to_end_and_serves_from_its_file(
         placement_strategy="PACK",
     )
     assert state["epoch"] == 2 and metrics["epoch"] == 2
+    assert metrics["allocator_env"] == TRAINING_ALLOCATOR_ENV  # the CPU worker started with the training allocator
     assert 0.0 <= metrics["top1_known"] <= 1.0
     assert sorted(p.name for p in (tmp_path / "runs" / run).glob("checkpoint_*"))  # checkpoints on storage
     path, card = write_model(config, state, metrics, out=tmp_path / "models", run=run)
