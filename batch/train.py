@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 VALIDATION_FILE = "validation.json"
 """The epoch's whole validation (per-threshold curve included), beside the state in each checkpoint: the
-metrics reported to Ray Train stay a few numbers (it logs each report whole)."""
+metrics reported to Ray Train stay small (a few numbers and the worker's allocator settings; it logs each
+report whole)."""
 
 
 def _eta(seconds: float) -> str:

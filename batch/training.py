@@ -34,7 +34,8 @@ from serve_app.reid.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_batch
 # One arena, no mmap and no trimming keep the freed memory for the next step (the worker's resident set stays at
 # the largest step's) and took both to 57-73 samples/s on two cores. Read by glibc when a process starts, so they
 # are set in the worker's environment (``worker_runtime_env``), not from Python. Measured for CPU training only:
-# a GPU worker's activations live on the GPU, and it keeps glibc's defaults.
+# a GPU worker's activations live on the GPU, and it keeps its node's settings (ray.env's or the KubeRay
+# ConfigMap's MALLOC_ARENA_MAX=2).
 TRAINING_ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
