@@ -21,6 +21,7 @@ from serve_app.exports import scripts
 from tests import factories
 from tests.helpers import auth, export_body, wait_final
 from tests.serve_app.exports.conftest import make_dataset
+from tests.waiting import wait_until_async
 
 
 def wait_until(condition: Callable[[], bool], *, what: str, timeout_s: float = 30) -> None:
@@ -142,8 +143,8 @@ async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> 
         pending = [r.json()["id"] for r in posts]  # in the order they were sent
         final: dict[str, str] = {}
         errors: list[str] = []
-        deadline = time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
+
+        async def all_ended() -> bool:
             # The oldest jobs first, POLL_WINDOW at a time: polling every pending job each round would put a
             # thousand GETs a round on the cores the exports run on. A job past the window is asked later.
             answers = await asyncio.gather(
@@ -155,9 +156,11 @@ async def _many(url: str, key: dict[str, str], count: int, timeout_s: float) -> 
                     final[body["id"]] = body["status"]
                     if body.get("error"):
                         errors.append(body["error"])
-            pending = [i for i in pending if i not in final]
-            await asyncio.sleep(0.2)
-    assert not pending, f"{len(pending)} exports still processing"
+            pending[:] = [i for i in pending if i not in final]
+            return not pending
+
+        await wait_until_async(all_ended, what=f"all {count} exports to leave processing", timeout_s=timeout_s,
+                               every_s=0.2)  # fmt: skip
     counts: dict[str, int] = {}
     for status in final.values():
         counts[status] = counts.get(status, 0) + 1
