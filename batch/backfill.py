@@ -203,7 +203,7 @@ def claim(conn: SyncConn, plan: Plan, run_id: uuid.UUID) -> None:
 
 def score(plan: Plan, *, actors: int | None, cpu_threads: int) -> tuple[BlockCounts, dict[str, Any]]:
     """Run the Ray Data pipeline into the run's sink: what it wrote (or, dry, would write) and the dry summary."""
-    from batch import pipeline  # Ray Data is imported only by runs that use it
+    from batch import pipeline, tasks  # Ray Data is imported only by runs that use it
 
     ensure_ray()
     ds = pipeline.build_dataset(
@@ -213,11 +213,11 @@ def score(plan: Plan, *, actors: int | None, cpu_threads: int) -> tuple[BlockCou
     )  # fmt: skip
     remote_args = {"num_cpus": pipeline.WRITE_CPUS}
     if plan.run_id is None:
-        dry = pipeline.DryRunSink(model_version=plan.model_version, options=plan.options)
+        dry = tasks.DryRunSink(model_version=plan.model_version, options=plan.options)
         ds.write_datasink(dry, ray_remote_args=remote_args)
         summary = dry.summary
         return BlockCounts(summary["detections"], summary["score_rows"], summary["failed"]), summary
-    sink = pipeline.ScoreSink(dsn=plan.dsn, run_id=plan.run_id, model_version=plan.model_version, options=plan.options)
+    sink = tasks.ScoreSink(dsn=plan.dsn, run_id=plan.run_id, model_version=plan.model_version, options=plan.options)
     ds.write_datasink(sink, ray_remote_args=remote_args)
     return sink.counts, {}
 

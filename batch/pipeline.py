@@ -1,10 +1,11 @@
 """The backfill as a Ray Data pipeline (the Ray edge; the work itself is plain Python in batch/).
 
-id ranges -> read detections (one SQL query per range, CPU tasks) -> decode + crop (CPU tasks)
--> embed + match against the site galleries (actor pool: one GPU per actor on GPU nodes)
--> :class:`ScoreSink` (binary COPY, one transaction per block). Nothing passes through the driver.
-With ``decode="gpu"`` the CPU tasks only read the files and the actors decode and crop on their GPU
-(:mod:`batch.device_crops`).
+id ranges -> read a range's detections (one SQL query) and decode + crop them (one CPU task per range,
+yielding a block per embedding batch) -> embed + match against the site galleries (actor pool: one GPU
+per actor on GPU nodes) -> :class:`batch.tasks.ScoreSink` (binary COPY, one transaction per block).
+Nothing passes through the driver. With ``decode="gpu"`` the CPU tasks only read the files and the
+actors decode and crop on their GPU (:mod:`batch.device_crops`). The tasks' code is in
+:mod:`batch.tasks`, which imports no torch; this module (the actors' code) does.
 """
 
 from __future__ import annotations
@@ -12,84 +13,31 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import uuid
-from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pyarrow as pa
 import ray
 import torch
 from PIL import Image
-from psycopg.rows import dict_row
-from ray.data import Dataset, Datasink
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource.datasink import WriteResult
+from ray.data import Dataset
 
-from batch.crops import UnreadableImage, image_path, load_crop
 from batch.device_crops import device_crops
 from batch.galleries import load_galleries
-from batch.results import Scored, from_table, to_table
-from batch.runs import READ_SQL, BackfillOptions, Selection
-from batch.score_writer import BlockCounts, write_block
+from batch.results import Scored, to_table
+from batch.runs import BackfillOptions, Selection
+from batch.tasks import read_and_decode, read_and_fetch
 from serve_app.reid.embedder import Embedder, embedding_to_bytes
 from serve_app.reid.gallery import Gallery
 from serve_app.reid.preprocessing import IMAGENET_MEAN, IMAGENET_STD, BBox
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_ROWS = 5
-DECODE_BATCH = 16
 DECODE_CPUS = 0.5
 """Logical CPUs per decode task."""
 WRITE_CPUS = 0.25
 """Logical CPUs per write task (mostly waiting on Postgres)."""
-
-
-def read_ranges(batch: Any, *, dsn: str, selection: Selection) -> pa.Table:
-    """The detections (with image URI, bbox and site) of a batch of id ranges."""
-    records: list[dict[str, Any]] = []
-    with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        for lo, hi in zip(batch["lo"].tolist(), batch["hi"].tolist(), strict=True):
-            records.extend(conn.execute(READ_SQL, selection.params(lo=lo, hi=hi)).fetchall())
-    columns = ("detection_id", "site_id", "uri", "bbox_x", "bbox_y", "bbox_w", "bbox_h")
-    types = (pa.int64(), pa.int64(), pa.string(), pa.float64(), pa.float64(), pa.float64(), pa.float64())
-    return pa.table({c: pa.array([r[c] for r in records], type=t) for c, t in zip(columns, types, strict=True)})
-
-
-def decode_crops(batch: Any, *, image_root: str, size_px: int, draft: bool) -> dict[str, Any]:
-    """Decode and crop a batch of detections into uint8 model inputs; unreadable images carry an error."""
-    root = Path(image_root)
-    n = len(batch["detection_id"])
-    crops = np.zeros((n, size_px, size_px, 3), dtype=np.uint8)
-    errors: list[str] = [""] * n
-    for i in range(n):
-        bbox = BBox(*(float(batch[k][i]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")))
-        try:
-            crops[i] = load_crop(image_path(str(batch["uri"][i]), root=root), bbox, size_px=size_px, draft=draft)
-        except (UnreadableImage, ValueError) as exc:
-            errors[i] = str(exc)
-            logger.warning("detection %d not scored: %s", int(batch["detection_id"][i]), exc)
-    return {"detection_id": batch["detection_id"], "site_id": batch["site_id"], "crop": crops, "error": errors}
-
-
-def read_files(batch: Any, *, image_root: str) -> pa.Table:
-    """The image files' bytes of a batch of detections, for actors that decode them (``decode="gpu"``)."""
-    root = Path(image_root)
-    n = len(batch["detection_id"])
-    blobs, errors = [b""] * n, [""] * n
-    for i in range(n):
-        uri = str(batch["uri"][i])
-        try:
-            blobs[i] = image_path(uri, root=root).read_bytes()
-        except OSError as exc:  # UnreadableImage (refused URI) included
-            errors[i] = str(exc) if isinstance(exc, UnreadableImage) else f"cannot read {Path(uri).name}: {exc}"
-            logger.warning("detection %d not scored: %s", int(batch["detection_id"][i]), errors[i])
-    columns = {k: batch[k] for k in ("detection_id", "site_id", "uri", "bbox_x", "bbox_y", "bbox_w", "bbox_h")}
-    return pa.table({**columns, "data": pa.array(blobs, type=pa.binary()), "error": pa.array(errors, pa.string())})
 
 
 class EmbedAndMatch:
@@ -172,80 +120,6 @@ class EmbedAndMatch:
         return to_table(items)
 
 
-class ScoreSink(Datasink[dict[str, int]]):
-    """Writes result blocks with binary COPY, one transaction per block; counts come back to the driver."""
-
-    def __init__(self, *, dsn: str, run_id: uuid.UUID, model_version: str, options: BackfillOptions) -> None:
-        self.dsn = dsn
-        self.run_id = run_id
-        self.model_version = model_version
-        self.options = options
-        self.counts = BlockCounts()
-
-    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
-        """Write every block of this task; each block commits on its own."""
-        total = BlockCounts()
-        with psycopg.connect(self.dsn) as conn:
-            for block in blocks:
-                results = list(from_table(BlockAccessor.for_block(block).to_arrow()))
-                total.add(
-                    write_block(
-                        conn,
-                        results,
-                        run_id=self.run_id,
-                        model_version=self.model_version,
-                        thresholds=self.options.thresholds,
-                        store_embeddings=self.options.store_embeddings,
-                        assign=self.options.apply_assignments,
-                    )
-                )
-        return asdict(total)
-
-    def on_write_complete(self, write_result: WriteResult[dict[str, int]]) -> None:
-        """Sum the tasks' counts (runs on the driver)."""
-        for counts in write_result.write_returns:
-            self.counts.add(BlockCounts(**counts))
-
-
-class DryRunSink(Datasink[dict[str, Any]]):
-    """Writes nothing: counts what a run would write and keeps a few sample rows."""
-
-    def __init__(self, *, model_version: str, options: BackfillOptions) -> None:
-        self.model_version = model_version
-        self.options = options
-        self.summary: dict[str, Any] = {"detections": 0, "score_rows": 0, "failed": 0, "decisions": {}, "sample": []}
-
-    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
-        """Count rows and decisions of this task's blocks."""
-        out: dict[str, Any] = {"detections": 0, "score_rows": 0, "failed": 0, "decisions": {}, "sample": []}
-        for block in blocks:
-            for result in from_table(BlockAccessor.for_block(block).to_arrow()):
-                if result.error is not None:
-                    out["failed"] += 1
-                    continue
-                out["detections"] += 1
-                decision, _ = result.decision(self.options.thresholds)
-                out["decisions"][decision] = out["decisions"].get(decision, 0) + 1
-                rows = result.rows(thresholds=self.options.thresholds, model_version=self.model_version, run_id=None)
-                out["score_rows"] += len(rows)
-                if rows and len(out["sample"]) < SAMPLE_ROWS:
-                    top = rows[0]
-                    out["sample"].append(
-                        {"detection_id": top.detection_id, "deer_id": top.deer_id, "top1": round(top.similarity, 6)}
-                    )
-        return out
-
-    def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
-        """Merge the tasks' summaries (runs on the driver)."""
-        for part in write_result.write_returns:
-            for key in ("detections", "score_rows", "failed"):
-                self.summary[key] += part[key]
-            for decision, n in part["decisions"].items():
-                self.summary["decisions"][decision] = self.summary["decisions"].get(decision, 0) + n
-            room = SAMPLE_ROWS - len(self.summary["sample"])
-            self.summary["sample"].extend(part["sample"][:room])
-
-
 def gpu_count() -> int:
     """GPUs in the cluster (0 on CPU-only clusters)."""
     return int(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
@@ -268,16 +142,21 @@ def build_dataset(
     size = options.input_size_px
     items = [{"lo": lo, "hi": hi} for lo, hi in ranges]
     ds: Dataset = ray.data.from_items(items, override_num_blocks=max(1, len(ranges)))
-    read = functools.partial(read_ranges, dsn=dsn, selection=selection)
-    ds = ds.map_batches(read, batch_size=1, num_cpus=DECODE_CPUS)
+    # One task per id range (batch_size=1: two map steps with their own batch sizes would be fused into one
+    # task that takes as many ranges as the larger batch size), yielding a block per embedding batch so the
+    # actors start on a range's first crops while the rest of it is decoded.
+    prepare: functools.partial[Any]
     if options.decode == "gpu":
-        read_bytes = functools.partial(read_files, image_root=str(image_root))
-        ds = ds.map_batches(read_bytes, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
+        prepare = functools.partial(read_and_fetch, dsn=dsn, selection=selection, image_root=str(image_root),
+                                    chunk=options.batch_size)  # fmt: skip
     else:
-        decode = functools.partial(decode_crops, image_root=str(image_root), size_px=size,
-                                   draft=options.decode == "draft")  # fmt: skip
-        # Other CPU figures than the actor's keep Ray Data from fusing decoding into the embedding actor.
-        ds = ds.map_batches(decode, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
+        draft = options.decode == "draft"
+        prepare = functools.partial(read_and_decode, dsn=dsn, selection=selection, image_root=str(image_root),
+                                    chunk=options.batch_size, size_px=size, draft=draft)  # fmt: skip
+    ds = ds.map_batches(prepare, batch_size=1, num_cpus=DECODE_CPUS)
+    # Ray Data joins what a task yields into blocks of up to target_max_block_size (128 MiB by default): at
+    # about one embedding batch of crops each, the blocks leave the task as they are yielded.
+    ds.context.target_max_block_size = max(1 << 20, options.batch_size * size * size * 3)
     pool = actors or max(1, gpus)
     resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     return ds.map_batches(

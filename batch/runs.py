@@ -17,7 +17,7 @@ import psycopg
 
 from serve_app.errors import TrailcamError
 from serve_app.reid.decision import DEFAULT_ACCEPT_THRESHOLD, Thresholds
-from serve_app.reid.embedder import ModelSpec
+from serve_app.reid.model_spec import ModelSpec
 
 Mode = Literal["missing", "all"]
 Decode = Literal["exact", "draft", "gpu"]

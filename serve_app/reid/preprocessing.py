@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 CROP_MARGIN = 0.1
 """Default margin added on each side of a bbox, as a fraction of the bbox width/height."""
@@ -63,6 +66,8 @@ def crop(
 
 def to_batch(crops: Sequence[Image.Image], *, size_px: int) -> torch.Tensor:
     """Resize crops to ``size_px`` squares and normalize them into one float tensor [B, 3, S, S]."""
+    import torch  # here: the backfill's decode tasks import this module, and a worker that imports torch pays seconds
+
     arrays = [np.asarray(c.convert("RGB").resize((size_px, size_px), Image.Resampling.BILINEAR)) for c in crops]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

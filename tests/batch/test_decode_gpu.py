@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from batch import backfill, pipeline
+from batch import backfill, pipeline, tasks
 from batch.backfill import run_backfill
 from batch.crops import load_crop
 from batch.device_crops import device_crops
-from batch.pipeline import EmbedAndMatch, decode_crops, read_files
+from batch.pipeline import EmbedAndMatch
 from batch.results import from_table
 from batch.runs import BackfillOptions
+from batch.tasks import decode_crops, read_files
 from serve_app.reid.preprocessing import BBox
 from tests.batch.conftest import Demo, small_options
 
@@ -148,7 +149,7 @@ def test_the_file_reading_stage_feeds_decoding_actors_through_ray_data(demo: Dem
         ds = pipeline.build_dataset(dsn=demo.dsn, selection=planned.selection, ranges=list(planned.ranges),
                                     options=options, image_root=planned.image_root, sites=list(planned.sites),
                                     store_galleries=False)  # fmt: skip
-        sink = pipeline.DryRunSink(model_version=planned.model_version, options=options)
+        sink = tasks.DryRunSink(model_version=planned.model_version, options=options)
         ds.write_datasink(sink)
         summaries[decode] = sink.summary
         assert (sink.summary["detections"], sink.summary["failed"]) == (planned.total, 0) and planned.total > 0

@@ -30,7 +30,7 @@ node, the other has room for both actors (the lost one is started again when the
 still has a CPU for the tasks (the head has none)."""
 RUN_S = 240
 EMBED = "EmbedAndMatch"
-READ_DECODE = ("read_ranges", "decode_crops")
+READ_DECODE = "read_and_decode"
 
 
 def backfill_args(demo: Demo, *extra: str) -> list[str]:
@@ -68,8 +68,8 @@ def embed_actors(cluster: LocalRayCluster) -> list[dict[str, Any]]:
 
 
 def read_decode_tasks(cluster: LocalRayCluster) -> list[dict[str, Any]]:
-    """The backfill's read and decode task attempts (fused or not), whatever their state."""
-    return [t for t in cluster.tasks() if any(f in t["name"] for f in READ_DECODE)]
+    """The backfill's read-and-decode task attempts, whatever their state."""
+    return [t for t in cluster.tasks() if READ_DECODE in t["name"]]
 
 
 def run_row(conn: psycopg.Connection[Any]) -> dict[str, Any]:
