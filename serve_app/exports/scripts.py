@@ -71,6 +71,18 @@ return 1
 """
 )
 
+# KEYS: job, active. ARGV: job id. Ends the lease of a processing job now (its task ended without finishing it:
+# nothing will renew it), so the next read or sweep fails it as a lost worker's. 1 when it was processing.
+LAPSE = (
+    _NOW_MS
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until_ms', now_ms - 1)
+redis.call('ZADD', KEYS[2], now_ms - 1, ARGV[1])
+return 1
+"""
+)
+
 # KEYS: job, active. ARGV: job id, expected status, then field/value pairs (must set 'status').
 # 1 when the job was in the expected status and now holds the new fields, 0 otherwise.
 TRANSITION = """

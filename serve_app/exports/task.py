@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
+import redis
 from ray.util import metrics as ray_metrics
 
 from serve_app.caching import BoundedCache
 from serve_app.config import Settings
 from serve_app.errors import ServiceUnavailable
-from serve_app.exports import metrics
+from serve_app.exports import metrics, scripts
 from serve_app.exports.notify import wait_for_deliveries
 from serve_app.exports.runner import run_export, runner_settings
 
@@ -83,6 +84,7 @@ class RayExportQueue:
         self.refs: BoundedCache[str, ray.ObjectRef[tuple[str, float]]] = BoundedCache(
             name="export tasks cancellable", max_entries=settings.export_tracked_max
         )
+        self._redis: redis.Redis | None = None
 
     async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
         """Launch the job's task (connecting to or starting Ray on first use)."""
@@ -115,14 +117,32 @@ class RayExportQueue:
         ref.future().add_done_callback(ended)
 
     def _ended(self, job_id: str, fmt: str, done: concurrent.futures.Future[tuple[str, float]]) -> None:
-        """Forget the task; count how its run ended. A task that raised is not counted here: a lost worker's
-        job is failed and counted by the sweeper when its lease lapses; a cancelled one's job was deleted."""
+        """Forget the task; count how its run ended. A task that raised is not counted here: its job is failed
+        and counted by the sweeper (or a reader) as a lost worker's, at once (:meth:`_lapse`); a cancelled
+        one's job was deleted."""
         self.refs.pop(job_id)
-        if done.cancelled() or done.exception() is not None:
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._lapse, job_id, done.exception())
             return
         status, duration_s = done.result()
         if status in ("completed", "failed"):
             metrics.export_finished(status=status, fmt=fmt, duration_s=duration_s)
+
+    def _lapse(self, job_id: str, error: BaseException | None) -> None:
+        """End the lease of a job whose task ended without finishing it. A task that died before it claimed
+        the job (its node lost, its worker unable to start) would otherwise leave it processing for the
+        start grace (Settings.export_start_grace_s), and one that claimed it for the rest of its lease."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self._settings.redis_dsn, socket_timeout=5, socket_connect_timeout=3)
+        try:
+            lapsed = self._redis.eval(scripts.LAPSE, 2, scripts.job_key(job_id), scripts.ACTIVE_KEY, job_id)
+        except redis.RedisError as exc:  # the lease or the start grace still ends it, later
+            logger.warning("export %s: its task ended (%r) and its lease could not be ended: %s", job_id, error, exc)
+            return
+        if lapsed:
+            logger.warning("export %s: its task ended without finishing it (%r); failing it as lost", job_id, error)
 
     async def cancel(self, job_id: str) -> None:
         """Cancel the task when this process launched it and it still runs."""
