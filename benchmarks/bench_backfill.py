@@ -2,9 +2,10 @@
 
 All of them use the same model, input size and (for the raw passes) batch size, on the same machine in
 one run, with serve_config.yaml's model by default. ``--quick`` (or BENCH_QUICK=1): fewer detections.
-A fourth row does a detection's own work and nothing else, in one process: decode its frame, crop it and
-embed it in batches (no Ray, no database, no scoring); the backfill over it is the pipeline's own cost on
-a machine where decoding costs as much as the model.
+Another case does a detection's own work and nothing else, in one process: decode its frame, crop it and
+embed it in batches (no Ray, no database, no scoring), for each CPU decode mode measured, alternated with the
+raw passes in ``--rounds`` rounds; over the raw passes it is what decoding leaves of the model's rate, and
+the backfill over it is the pipeline's own cost.
 
 Another model, ``--decode`` mode (repeat it to compare modes) and ``--copies`` serve the GPU check
 (benchmarks/gpu_check.sh): each mode is also run on a quarter of the detections, and the difference of the
