@@ -151,8 +151,10 @@ def plan(
         raise ValueError("a new run needs options")
     run_id = None if dry_run else (resume or uuid.uuid4())
     # A resume (dry or not) reads only the run's detections that have no rows yet; a new run has none.
+    # What this run already wrote is what was computed before now (the database's clock): a range then reads the
+    # same rows however often Ray runs its task.
     selection = Selection(model_version(options), resume, options.mode, options.sites, options.since,
-                          options.until, *ids)  # fmt: skip
+                          options.until, *ids, scored_before=runs.database_now(conn))  # fmt: skip
     lo, hi, total = runs.bounds(conn, selection, limit=options.limit if resume is None else None)
     # The read tasks skip what this run already wrote; a --limit run's sites are its own.
     selection = dataclasses.replace(selection, run_id=run_id or resume, id_min=lo, id_max=hi)

@@ -153,10 +153,13 @@ def build_dataset(
         draft = options.decode == "draft"
         prepare = functools.partial(read_and_decode, dsn=dsn, selection=selection, image_root=str(image_root),
                                     chunk=options.batch_size, size_px=size, draft=draft)  # fmt: skip
+    # Other CPU figures than the actor's keep Ray Data from fusing these tasks into the embedding actor.
     ds = ds.map_batches(prepare, batch_size=1, num_cpus=DECODE_CPUS)
-    # Ray Data joins what a task yields into blocks of up to target_max_block_size (128 MiB by default): at
-    # about one embedding batch of crops each, the blocks leave the task as they are yielded.
-    ds.context.target_max_block_size = max(1 << 20, options.batch_size * size * size * 3)
+    if options.decode != "gpu":
+        # Ray Data joins what a task yields into blocks of up to target_max_block_size (128 MiB by default): at
+        # one embedding batch of crops, each yield is a block of its own and leaves the task as it is yielded.
+        # (The file bytes the gpu path yields have no fixed size: those blocks keep the default.)
+        ds.context.target_max_block_size = options.batch_size * size * size * 3
     pool = actors or max(1, gpus)
     resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     return ds.map_batches(

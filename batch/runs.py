@@ -89,6 +89,10 @@ class Selection:
     until: str | None
     id_min: int = 0
     id_max: int = MAX_ID
+    scored_before: dt.datetime | None = None
+    """Only score rows computed before this count as already there (a run's plan sets it to the database's clock
+    when it plans): what a range reads then stays the same while the run writes, so a read task Ray runs again
+    reads the rows it read the first time, and skips none of them."""
 
     def params(self, *, lo: int | None = None, hi: int | None = None) -> dict[str, Any]:
         """Bind values for the selection SQL, optionally narrowed to ids lo..hi."""
@@ -101,6 +105,7 @@ class Selection:
             "missing_only": self.mode == "missing",
             "model_version": self.model_version,
             "run_id": self.run_id,
+            "scored_before": self.scored_before,
         }
 
 
@@ -121,9 +126,11 @@ WHERE d.id BETWEEN %(lo)s AND %(hi)s
   AND (%(until)s::timestamptz IS NULL OR i.captured_at < %(until)s::timestamptz)
   AND (NOT %(missing_only)s OR NOT EXISTS (
         SELECT 1 FROM reid_similarity_scores s
-        WHERE s.detection_id = d.id AND s.model_version = %(model_version)s))
+        WHERE s.detection_id = d.id AND s.model_version = %(model_version)s
+          AND (%(scored_before)s::timestamptz IS NULL OR s.computed_at < %(scored_before)s::timestamptz)))
   AND (%(run_id)s::uuid IS NULL OR NOT EXISTS (
-        SELECT 1 FROM reid_similarity_scores s WHERE s.run_id = %(run_id)s::uuid AND s.detection_id = d.id))
+        SELECT 1 FROM reid_similarity_scores s WHERE s.run_id = %(run_id)s::uuid AND s.detection_id = d.id
+          AND (%(scored_before)s::timestamptz IS NULL OR s.computed_at < %(scored_before)s::timestamptz)))
 """
 READ_SQL = (
     "SELECT d.id AS detection_id, c.site_id, i.uri, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h"
@@ -137,6 +144,14 @@ LIMITED_BOUNDS_SQL = (
     + "ORDER BY d.id LIMIT %(limit)s) t"
 )
 SITES_SQL = "SELECT DISTINCT c.site_id" + SELECTION_FROM
+
+
+def database_now(conn: psycopg.Connection[Any]) -> dt.datetime:
+    """The database's clock now (not the transaction's start)."""
+    row = conn.execute("SELECT clock_timestamp() AS now").fetchone()
+    assert row is not None
+    now: dt.datetime = row["now"]
+    return now
 
 
 def bounds(conn: psycopg.Connection[Any], selection: Selection, *, limit: int | None) -> tuple[int, int, int]:

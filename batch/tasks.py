@@ -29,6 +29,8 @@ from serve_app.reid.preprocessing import BBox
 logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 5
+WRITE_ROWS = 512
+"""Detections a write task takes at least (but the last): one connection for them, still one transaction a block."""
 
 
 def read_ranges(batch: Any, *, dsn: str, selection: Selection) -> pa.Table:
@@ -96,6 +98,14 @@ def read_and_fetch(batch: Any, *, dsn: str, selection: Selection, image_root: st
         yield read_files(_columns(table, start, min(table.num_rows, start + chunk)), image_root=image_root)
 
 
+def _nonempty(blocks: Iterable[Block]) -> Iterator[BlockAccessor]:
+    """The blocks that hold rows (an id range with nothing left to score can leave an empty one, without columns)."""
+    for block in blocks:
+        accessor = BlockAccessor.for_block(block)
+        if accessor.num_rows():
+            yield accessor
+
+
 class ScoreSink(Datasink[dict[str, int]]):
     """Writes result blocks with binary COPY, one transaction per block; counts come back to the driver."""
 
@@ -106,12 +116,17 @@ class ScoreSink(Datasink[dict[str, int]]):
         self.options = options
         self.counts = BlockCounts()
 
+    @property
+    def min_rows_per_write(self) -> int:
+        """Several embedding batches per write task (Ray Data bundles them), not a task and connection each."""
+        return WRITE_ROWS
+
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
         """Write every block of this task; each block commits on its own."""
         total = BlockCounts()
         with psycopg.connect(self.dsn) as conn:
-            for block in blocks:
-                results = list(from_table(BlockAccessor.for_block(block).to_arrow()))
+            for block in _nonempty(blocks):
+                results = list(from_table(block.to_arrow()))
                 total.add(
                     write_block(
                         conn,
@@ -139,11 +154,16 @@ class DryRunSink(Datasink[dict[str, Any]]):
         self.options = options
         self.summary: dict[str, Any] = {"detections": 0, "score_rows": 0, "failed": 0, "decisions": {}, "sample": []}
 
+    @property
+    def min_rows_per_write(self) -> int:
+        """Several embedding batches per write task (Ray Data bundles them), not a task and connection each."""
+        return WRITE_ROWS
+
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         """Count rows and decisions of this task's blocks."""
         out: dict[str, Any] = {"detections": 0, "score_rows": 0, "failed": 0, "decisions": {}, "sample": []}
-        for block in blocks:
-            for result in from_table(BlockAccessor.for_block(block).to_arrow()):
+        for block in _nonempty(blocks):
+            for result in from_table(block.to_arrow()):
                 if result.error is not None:
                     out["failed"] += 1
                     continue

@@ -151,6 +151,14 @@ def add_copies(dsn: str, sites: list[int], *, copies: int) -> int:
         return int(max(present[0], originals[0] * copies))
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load demo data into the benchmark database, measure the cases, print and write the table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -168,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         "--long-run", action="store_true", help="also run each mode on a quarter: the rate without start-up"
     )
     parser.add_argument("--target-det-s", type=float, help="a target for the long-run rate (the GPU check's)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the raw and one-process cases")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="alternating rounds of the raw and one-process cases")  # fmt: skip
     parser.add_argument("--results-name", default="backfill", help="benchmarks/results/<name>.json")
     args = parser.parse_args(argv)
     quick = args.quick

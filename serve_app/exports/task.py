@@ -21,6 +21,8 @@ from typing import Any
 import ray
 import redis
 from ray.util import metrics as ray_metrics
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from serve_app.caching import BoundedCache
 from serve_app.config import Settings
@@ -84,7 +86,10 @@ class RayExportQueue:
         self.refs: BoundedCache[str, ray.ObjectRef[tuple[str, float]]] = BoundedCache(
             name="export tasks cancellable", max_entries=settings.export_tracked_max
         )
-        self._redis: redis.Redis | None = None
+        # For _lapse only; connects on first use. No retries: a job it cannot reach lapses with its lease anyway.
+        self._redis = redis.Redis.from_url(
+            settings.redis_dsn, socket_timeout=5, socket_connect_timeout=3, retry=Retry(NoBackoff(), 0)
+        )
 
     async def submit(self, job_id: str, *, params: dict[str, Any]) -> None:
         """Launch the job's task (connecting to or starting Ray on first use)."""
@@ -119,7 +124,7 @@ class RayExportQueue:
     def _ended(self, job_id: str, fmt: str, done: concurrent.futures.Future[tuple[str, float]]) -> None:
         """Forget the task; count how its run ended. A task that raised is not counted here: its job is failed
         and counted by the sweeper (or a reader) as a lost worker's, at once (:meth:`_lapse`); a cancelled
-        one's job was deleted."""
+        one's job was deleted (Ray reports it as TaskCancelledError: _lapse then finds no job)."""
         self.refs.pop(job_id)
         if done.cancelled():
             return
@@ -134,11 +139,9 @@ class RayExportQueue:
         """End the lease of a job whose task ended without finishing it. A task that died before it claimed
         the job (its node lost, its worker unable to start) would otherwise leave it processing for the
         start grace (Settings.export_start_grace_s), and one that claimed it for the rest of its lease."""
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(self._settings.redis_dsn, socket_timeout=5, socket_connect_timeout=3)
         try:
             lapsed = self._redis.eval(scripts.LAPSE, 2, scripts.job_key(job_id), scripts.ACTIVE_KEY, job_id)
-        except redis.RedisError as exc:  # the lease or the start grace still ends it, later
+        except Exception as exc:  # noqa: BLE001 - the lease or the start grace still ends it, later
             logger.warning("export %s: its task ended (%r) and its lease could not be ended: %s", job_id, error, exc)
             return
         if lapsed:

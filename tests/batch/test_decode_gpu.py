@@ -138,7 +138,7 @@ def test_decode_gpu_is_refused_on_a_cluster_without_gpus_and_nothing_is_written(
 
 @pytest.mark.usefixtures("ray_session")
 def test_the_file_reading_stage_feeds_decoding_actors_through_ray_data(demo: Demo, fresh: Any) -> None:
-    """The --decode gpu pipeline (read_files tasks -> actors that decode) as Ray Data runs it, on CPU actors here
+    """The --decode gpu pipeline (read_and_fetch tasks -> actors that decode) as Ray Data runs it, on CPU actors here
     (build_dataset itself does not refuse; run_backfill does, above): every detection scored, none failed, as many
     score rows as with CPU decoding, and the same top-1 scores within tolerance."""
     summaries = {}
