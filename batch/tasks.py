@@ -76,26 +76,26 @@ def read_files(batch: Any, *, image_root: str) -> pa.Table:
     return pa.table({**columns, "data": pa.array(blobs, type=pa.binary()), "error": pa.array(errors, pa.string())})
 
 
-def _columns(table: pa.Table, start: int, stop: int) -> dict[str, np.ndarray]:
-    return {name: table.column(name).slice(start, stop - start).to_numpy(zero_copy_only=False)
-            for name in table.column_names}  # fmt: skip
+def _read_in_chunks(batch: Any, *, dsn: str, selection: Selection, chunk: int) -> Iterator[dict[str, np.ndarray]]:
+    """A batch of id ranges' detections, ``chunk`` at a time, as numpy columns."""
+    table = read_ranges(batch, dsn=dsn, selection=selection)
+    for start in range(0, table.num_rows, chunk):
+        part = table.slice(start, chunk)
+        yield {name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names}
 
 
 def read_and_decode(
     batch: Any, *, dsn: str, selection: Selection, image_root: str, size_px: int, draft: bool, chunk: int
 ) -> Iterator[dict[str, Any]]:
     """A batch of id ranges' detections, decoded and cropped, ``chunk`` detections per yielded batch."""
-    table = read_ranges(batch, dsn=dsn, selection=selection)
-    for start in range(0, table.num_rows, chunk):
-        rows = _columns(table, start, min(table.num_rows, start + chunk))
+    for rows in _read_in_chunks(batch, dsn=dsn, selection=selection, chunk=chunk):
         yield decode_crops(rows, image_root=image_root, size_px=size_px, draft=draft)
 
 
 def read_and_fetch(batch: Any, *, dsn: str, selection: Selection, image_root: str, chunk: int) -> Iterator[pa.Table]:
     """A batch of id ranges' detections with their files' bytes, ``chunk`` detections per yielded batch."""
-    table = read_ranges(batch, dsn=dsn, selection=selection)
-    for start in range(0, table.num_rows, chunk):
-        yield read_files(_columns(table, start, min(table.num_rows, start + chunk)), image_root=image_root)
+    for rows in _read_in_chunks(batch, dsn=dsn, selection=selection, chunk=chunk):
+        yield read_files(rows, image_root=image_root)
 
 
 def _nonempty(blocks: Iterable[Block]) -> Iterator[BlockAccessor]:
